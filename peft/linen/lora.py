@@ -1,0 +1,516 @@
+"""LoRA for Flax linen: `LoRADense`, `LoRAEinsum`, `LoRADenseGeneral` and adapters.
+
+These are the document's linen modules. Their state and math are the NNX
+adapters of `peft.nnx.lora` (`LoRALinearAdapter`, `LoRAEinsumAdapter`,
+`LoRALinearGeneralAdapter`), run inside linen through `flax.nnx.bridge.ToLinen`
+and `nn.share_scope`, so the parameter layout is the document's:
+
+    {'Dense_0': {'kernel': ..., 'bias': ..., 'lora': {'a': [in, r], 'b': [r, out]}}}
+
+all in the `params` collection. The LoRA scale (`alpha / rank`) is a constant
+rebuilt from the constructor arguments; it is not stored in the variables.
+
+Example:
+
+>>> import flax.linen as nn, jax, jax.numpy as jnp
+>>> import peft
+>>> class MyModel(nn.Module):
+...   @nn.compact
+...   def __call__(self, x):
+...     return peft.LoRADense(rank=3, wrapped=nn.Dense(10))(x)
+>>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
+>>> jax.tree.map(jnp.shape, params['Dense_0']['lora'])
+{'a': (4, 3), 'b': (3, 10)}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Callable
+
+from flax import linen as nn
+from flax import nnx
+from flax.core import FrozenDict
+from flax.nnx import bridge
+from flax.nnx import variablelib as _variablelib
+import jax
+import jax.numpy as jnp
+
+from peft.nnx import lora as _nnx_lora
+
+__all__ = [
+    'LoRADense',
+    'LoRAEinsum',
+    'LoRADenseGeneral',
+    'LoRADenseAdapter',
+    'LoRAEinsumAdapter',
+    'LoRADenseGeneralAdapter',
+]
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+_A_INIT = nn.initializers.kaiming_uniform()
+_B_INIT = nn.initializers.zeros_init()
+_FACTORS = ('a', 'b')
+
+
+# ---------------------------------------------------------------------------
+# The bridge: an NNX module run as linen, its Params in `params`.
+# ---------------------------------------------------------------------------
+
+
+class _ParamsToLinen(bridge.ToLinen):
+  """`nnx.bridge.ToLinen` storing every `nnx.Param` (incl. `LoRAParam`) in `params`.
+
+  Plain `ToLinen` files `nnx.LoRAParam` under a `LoRAParam` collection and the
+  `LoRAScale` under `LoRAScale`. Here all `Param` subclasses go to `params`
+  (the document's layout) and `LoRAScale` is not stored: `ToLinen` rebuilds
+  the NNX module from its constructor arguments on every call, which restores
+  the scale.
+  """
+
+  def _update_variables(self, module):
+    groups: dict[str, list[tuple[tuple[Any, ...], Any]]] = {}
+    state = nnx.state(module, nnx.Not(nnx.Any(nnx.RngState,
+                                              _nnx_lora.LoRAScale)))
+    for path, leaf in nnx.to_flat_state(state):
+      if isinstance(leaf, nnx.Param):
+        collection = 'params'
+      else:
+        collection = _variablelib.variable_name_from_type(
+            type(leaf), allow_register=True
+        )
+      groups.setdefault(collection, []).append((path, leaf))
+    for collection, flat in groups.items():
+      if not self.is_mutable_collection(collection):
+        continue
+      tree = nnx.traversals.unflatten_mapping(
+          {
+              path: (self.metadata_fn(leaf) if self.metadata_fn
+                     else leaf.get_value())
+              for path, leaf in flat
+          }
+      )
+      for key, value in tree.items():
+        self.put_variable(collection, key, value)
+
+
+def _run_adapter(module: nn.Module, nnx_class, args, kwargs, inputs, **call):
+  """Runs NNX `nnx_class(*args, **kwargs)` on `inputs` in `module`'s own scope."""
+  if (
+      not module.is_initializing()
+      and not module.is_mutable_collection('params')
+  ):
+    missing = [n for n in _FACTORS if not module.has_variable('params', n)]
+    if missing:
+      path = '/'.join(module.scope.path) or '<root>'
+      raise ValueError(
+          f'{type(module).__name__} at {path!r}: the LoRA params'
+          f' {[f"{path}/{n}" for n in missing]} are missing from the'
+          " 'params' collection passed to apply (they would be silently"
+          ' re-initialised). Initialise the model with the LoRA wrappers'
+          ' (e.g. inside the same ModuleInterceptor), or add the LoRA tree'
+          ' with `peft.merge_params(original, lora)`.'
+      )
+  child = _ParamsToLinen(
+      nnx_class, args=tuple(args), kwargs=FrozenDict(kwargs), name='bridge'
+  )
+  nn.share_scope(module, child)
+  return child(inputs, **call)
+
+
+def _adapter_kwargs(module) -> dict[str, Any]:
+  return dict(
+      rank=module.rank,
+      alpha=module.alpha,
+      a_init=module.a_init,
+      b_init=module.b_init,
+      param_dtype=module.dtype,
+  )
+
+
+def _check_rank(rank, owner: str) -> None:
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
+    raise ValueError(
+        f'{owner}: rank must be a positive int, got rank={rank!r}; pass e.g.'
+        ' rank=8'
+    )
+
+
+def _base_layer(wrapped: Any) -> Any:
+  """The float linen layer under peft quantization wrappers (or `wrapped`)."""
+  seen = 0
+  while getattr(wrapped, '_peft_wraps_layer', False) and seen < 8:
+    wrapped = wrapped.wrapped
+    seen += 1
+  return wrapped
+
+
+def _check_wrapped(owner: str, wrapped: Any, layer_type: type) -> None:
+  base = _base_layer(wrapped)
+  if not isinstance(base, layer_type):
+    raise TypeError(
+        f'{owner}: `wrapped` must be an nn.{layer_type.__name__} (or a peft'
+        f' quantization wrapper of one), got {type(wrapped).__name__}. Use'
+        ' LoRADense for nn.Dense, LoRAEinsum for nn.Einsum and'
+        ' LoRADenseGeneral for nn.DenseGeneral.'
+    )
+
+
+class _LoRAWrapper(nn.Module):
+  """Shares the wrapped layer's scope so the adapter lands next to its kernel."""
+
+  def __post_init__(self):
+    super().__post_init__()
+    # Share scope to make the wrapper transparent for the params
+    # (instead of nesting `{'params': {'wrapped': ...}}`).
+    if self.scope is not None and self.wrapped.scope is not None:
+      nn.share_scope(self, self.wrapped)
+
+
+# ---------------------------------------------------------------------------
+# Adapters: only `x @ A @ B` (times alpha / rank).
+# ---------------------------------------------------------------------------
+
+
+class LoRADenseAdapter(nn.Module):
+  """Only the LoRA branch of a dense layer: `(x @ a @ b) * alpha / rank`.
+
+  Params `a: [in, rank]` (kaiming uniform) and `b: [rank, features]` (zeros);
+  `in` is read from the input. Add the wrapped layer's output yourself (or
+  use `LoRADense`). `features` is required: the document's
+  `LoRADenseAdapter(rank=3)` cannot know the output size.
+
+  Example:
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> class MyModel(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     dense = nn.Dense(10)
+  ...     lora = peft.LoRADenseAdapter(rank=3, features=10)
+  ...     return dense(x) + lora(x)
+  >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
+  >>> jax.tree.map(jnp.shape, params['LoRADenseAdapter_0'])
+  {'a': (4, 3), 'b': (3, 10)}
+
+  Attributes:
+    rank: LoRA rank, a positive int.
+    features: output size (the wrapped layer's `features`).
+    alpha: optional; the output is scaled by `alpha / rank` (None: no scale).
+    dtype: dtype of `a` and `b`.
+    a_init: initializer of `a` (called with `(in, rank)`).
+    b_init: initializer of `b` (called with `(rank, features)`).
+  """
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  features: int
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    _check_rank(self.rank, type(self).__name__)
+    return _run_adapter(
+        self,
+        _nnx_lora.LoRALinearAdapter,
+        (inputs.shape[-1], self.features),
+        _adapter_kwargs(self),
+        inputs,
+    )
+
+
+class LoRAEinsumAdapter(nn.Module):
+  """Only the LoRA branch of an einsum layer: `einsum(x, a, b) * alpha / rank`.
+
+  `einsum_str='inputs,weights->outputs'` is rewritten `'inputs,a,b->outputs'`
+  (`peft.einsum.lora_einsum`): `a` holds the weight's batch and contracted
+  axes plus the rank, `b` the batch axes, the rank and the output axes.
+
+  Example:
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> ad = peft.LoRAEinsumAdapter(rank=2, einsum_str='bi,imn->bmn',
+  ...                             shape=(4, 2, 3))
+  >>> params = ad.init(jax.random.key(0), jnp.ones((5, 4)))['params']
+  >>> jax.tree.map(jnp.shape, params)
+  {'a': (4, 2), 'b': (2, 2, 3)}
+
+  Attributes:
+    rank: LoRA rank, a positive int.
+    einsum_str: the wrapped einsum string `'inputs,weights->outputs'`.
+    shape: the wrapped weight's shape.
+    alpha, dtype, a_init, b_init: as in `LoRADenseAdapter`.
+  """
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  einsum_str: str
+  shape: Sequence[int]
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    _check_rank(self.rank, type(self).__name__)
+    if not isinstance(self.einsum_str, str):
+      raise TypeError(
+          f'{type(self).__name__}: einsum_str must be a str such as'
+          f" 'bi,imn->bmn', got {type(self.einsum_str).__name__}"
+      )
+    return _run_adapter(
+        self,
+        _nnx_lora.LoRAEinsumAdapter,
+        (self.einsum_str, tuple(int(d) for d in self.shape)),
+        _adapter_kwargs(self),
+        inputs,
+    )
+
+
+def _normalize_axes(axes, ndim: int, what: str) -> tuple[int, ...]:
+  axes = (axes,) if isinstance(axes, int) else tuple(axes)
+  out = []
+  for ax in axes:
+    if not -ndim <= ax < ndim:
+      raise ValueError(
+          f'{what}={axes} is out of range for an input with {ndim} axes'
+      )
+    out.append(ax % ndim)
+  return tuple(out)
+
+
+class LoRADenseGeneralAdapter(nn.Module):
+  """Only the LoRA branch of an `nn.DenseGeneral`: `x @ a @ b` over `axis`.
+
+  With `batch_dims` of sizes `B`, contracted axes of sizes `I` and `features`
+  `O` (the `nn.DenseGeneral` kernel is `(*B, *I, *O)`), `a` is `(*B, *I, rank)`
+  and `b` `(*B, rank, *O)`; the output layout is `nn.DenseGeneral`'s.
+
+  Example:
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> ad = peft.LoRADenseGeneralAdapter(rank=2, features=(2, 3), axis=-1)
+  >>> y, v = ad.init_with_output(jax.random.key(0), jnp.ones((5, 4)))
+  >>> y.shape, jax.tree.map(jnp.shape, v['params'])
+  ((5, 2, 3), {'a': (4, 2), 'b': (2, 2, 3)})
+
+  Attributes:
+    rank: LoRA rank, a positive int.
+    features: int or tuple, the output feature sizes.
+    axis: int or tuple, the input axes contracted.
+    batch_dims: leading input axes shared with the kernel (consecutive from 0).
+    alpha, dtype, a_init, b_init: as in `LoRADenseAdapter`.
+  """
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  features: int | Sequence[int]
+  axis: int | Sequence[int] = -1
+  batch_dims: Sequence[int] = ()
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    _check_rank(self.rank, type(self).__name__)
+    ndim = inputs.ndim
+    axis = _normalize_axes(self.axis, ndim, 'axis')
+    batch_dims = _normalize_axes(self.batch_dims, ndim, 'batch_dims')
+    features = (
+        (self.features,) if isinstance(self.features, int)
+        else tuple(self.features)
+    )
+    return _run_adapter(
+        self,
+        _nnx_lora.LoRALinearGeneralAdapter,
+        (tuple(inputs.shape[ax] for ax in axis), features),
+        dict(
+            axis=axis,
+            batch_axis=FrozenDict({b: inputs.shape[b] for b in batch_dims}),
+            **_adapter_kwargs(self),
+        ),
+        inputs,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Wrappers: wrapped(x) + adapter(x), adapter named 'lora' in the wrapped scope.
+# ---------------------------------------------------------------------------
+
+
+class LoRADense(_LoRAWrapper):
+  """Wraps an `nn.Dense` and adds a LoRA adapter: `wrapped(x) + x @ a @ b`.
+
+  The wrapper shares the wrapped layer's scope: a wrapped `Dense_0` holds
+  `{'kernel', 'bias', 'lora': {'a': [in, rank], 'b': [rank, features]}}`.
+  `b` starts at zero, so a fresh wrapper does not change the output.
+
+  Example:
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> class MyModel(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     layer = peft.LoRADense(rank=3, wrapped=nn.Dense(10))
+  ...     return layer(x)
+  >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
+  >>> sorted(params['Dense_0']), sorted(params['Dense_0']['lora'])
+  (['bias', 'kernel', 'lora'], ['a', 'b'])
+
+  Attributes:
+    rank: LoRA rank, a positive int.
+    wrapped: the `nn.Dense` (or a peft quantization wrapper of one).
+    alpha: optional; the LoRA branch is scaled by `alpha / rank`.
+    dtype: dtype of `a` and `b`.
+    a_init: initializer of `a` (kaiming uniform).
+    b_init: initializer of `b` (zeros).
+  """
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  wrapped: nn.Module
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+
+  def __post_init__(self):
+    _check_rank(self.rank, type(self).__name__)
+    _check_wrapped(type(self).__name__, self.wrapped, nn.Dense)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    adapter = LoRADenseAdapter(
+        name='lora',
+        rank=self.rank,
+        features=_base_layer(self.wrapped).features,
+        alpha=self.alpha,
+        dtype=self.dtype,
+        a_init=self.a_init,
+        b_init=self.b_init,
+    )
+    return self.wrapped(inputs) + adapter(inputs)
+
+
+class LoRAEinsum(_LoRAWrapper):
+  """Wraps an `nn.Einsum` and adds a LoRA adapter: `wrapped(x) + einsum(x, a, b)`.
+
+  The wrapped `Einsum_0` holds `{'kernel', 'lora': {'a', 'b'}}` (plus `bias`
+  when used); see `LoRAEinsumAdapter` for the factor shapes.
+
+  Example:
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> layer = peft.LoRAEinsum(
+  ...     rank=2,
+  ...     wrapped=nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn'),
+  ... )
+  >>> params = layer.init(jax.random.key(0), jnp.ones((5, 4)))['params']
+  >>> jax.tree.map(jnp.shape, params['lora'])
+  {'a': (4, 2), 'b': (2, 2, 3)}
+
+  Attributes:
+    rank: LoRA rank, a positive int.
+    wrapped: the `nn.Einsum` (or a peft quantization wrapper of one).
+    alpha, dtype, a_init, b_init: as in `LoRADense`.
+  """
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  wrapped: nn.Module
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+
+  def __post_init__(self):
+    _check_rank(self.rank, type(self).__name__)
+    _check_wrapped(type(self).__name__, self.wrapped, nn.Einsum)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs: Array, einsum_str: str | None = None) -> Array:
+    base = _base_layer(self.wrapped)
+    einsum_str = nn.merge_param('einsum_str', base.einsum_str, einsum_str)
+    adapter = LoRAEinsumAdapter(
+        name='lora',
+        rank=self.rank,
+        einsum_str=einsum_str,
+        shape=tuple(base.shape),
+        alpha=self.alpha,
+        dtype=self.dtype,
+        a_init=self.a_init,
+        b_init=self.b_init,
+    )
+    if base.einsum_str is None:
+      y = self.wrapped(inputs, einsum_str)
+    else:
+      y = self.wrapped(inputs)
+    return y + adapter(inputs)
+
+
+class LoRADenseGeneral(_LoRAWrapper):
+  """Wraps an `nn.DenseGeneral` and adds a LoRA adapter over the same axes.
+
+  The wrapped `DenseGeneral_0` holds `{'kernel', 'bias', 'lora': {'a', 'b'}}`
+  with `a: (*batch, *in, rank)` and `b: (*batch, rank, *features)`.
+
+  Example:
+
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> layer = peft.LoRADenseGeneral(
+  ...     rank=2, wrapped=nn.DenseGeneral(features=(2, 3)))
+  >>> params = layer.init(jax.random.key(0), jnp.ones((5, 4)))['params']
+  >>> jax.tree.map(jnp.shape, params['lora'])
+  {'a': (4, 2), 'b': (2, 2, 3)}
+
+  Attributes:
+    rank: LoRA rank, a positive int.
+    wrapped: the `nn.DenseGeneral`.
+    alpha, dtype, a_init, b_init: as in `LoRADense`.
+  """
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  wrapped: nn.Module
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+
+  def __post_init__(self):
+    _check_rank(self.rank, type(self).__name__)
+    _check_wrapped(type(self).__name__, self.wrapped, nn.DenseGeneral)
+    super().__post_init__()
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    base = _base_layer(self.wrapped)
+    adapter = LoRADenseGeneralAdapter(
+        name='lora',
+        rank=self.rank,
+        features=base.features,
+        axis=base.axis,
+        batch_dims=base.batch_dims,
+        alpha=self.alpha,
+        dtype=self.dtype,
+        a_init=self.a_init,
+        b_init=self.b_init,
+    )
+    return self.wrapped(inputs) + adapter(inputs)

@@ -1,0 +1,339 @@
+"""Tests of peft/linen/lora.py: layouts, outputs vs dense references, training."""
+
+import threading
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from peft.linen.interceptor import ModuleInterceptor
+from peft.linen.lora import (
+    LoRADense,
+    LoRADenseAdapter,
+    LoRADenseGeneral,
+    LoRADenseGeneralAdapter,
+    LoRAEinsum,
+    LoRAEinsumAdapter,
+)
+from peft.params import fuse_params, merge_params, split_params
+
+
+class _Model(nn.Module):
+  """One Dense called twice, a second Dense, an Einsum and a DenseGeneral."""
+
+  @nn.compact
+  def __call__(self, x):
+    d = nn.Dense(4)
+    x = jnp.tanh(d(x))
+    x = jnp.tanh(d(x))
+    x = nn.Dense(4)(x)
+    e = nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn')(x)
+    g = nn.DenseGeneral(features=(2, 3))(x)
+    return e + g
+
+
+def _to_lora(rank=2, alpha=None, dtype=jnp.float32):
+  def fn(module):
+    kw = dict(rank=rank, alpha=alpha, dtype=dtype, wrapped=module)
+    if isinstance(module, nn.Dense):
+      return LoRADense(**kw)
+    if isinstance(module, nn.Einsum):
+      return LoRAEinsum(**kw)
+    if isinstance(module, nn.DenseGeneral):
+      return LoRADenseGeneral(**kw)
+    return module
+  return fn
+
+
+_X = jax.random.normal(jax.random.key(1), (5, 4))
+
+
+def _init(rank=2, alpha=None, dtype=jnp.float32):
+  with ModuleInterceptor(_to_lora(rank, alpha, dtype)):
+    return _Model().init(jax.random.key(0), _X)
+
+
+def _apply(variables, x=_X, **kw):
+  with ModuleInterceptor(_to_lora(**kw)):
+    return _Model().apply(variables, x)
+
+
+def _randomize(tree, seed=2):
+  leaves, treedef = jax.tree.flatten(tree)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return treedef.unflatten([
+      (0.5 * jax.random.normal(k, l.shape)).astype(l.dtype)
+      for k, l in zip(keys, leaves)
+  ])
+
+
+def _reference(p, x, scale=1.0):
+  """The model in numpy, LoRA written as kernel + scale * (a @ b)."""
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64), p)
+  x = np.asarray(x, np.float64)
+
+  def w_dense(layer):
+    return layer['kernel'] + scale * layer['lora']['a'] @ layer['lora']['b']
+
+  d0, d1 = p['Dense_0'], p['Dense_1']
+  h = np.tanh(x @ w_dense(d0) + d0['bias'])
+  h = np.tanh(h @ w_dense(d0) + d0['bias'])
+  h = h @ w_dense(d1) + d1['bias']
+  e = p['Einsum_0']
+  we = e['kernel'] + scale * np.einsum('ir,rmn->imn', e['lora']['a'],
+                                       e['lora']['b'])
+  y_e = np.einsum('bi,imn->bmn', h, we) + e['bias']
+  g = p['DenseGeneral_0']
+  wg = g['kernel'] + scale * np.einsum('ir,rmn->imn', g['lora']['a'],
+                                       g['lora']['b'])
+  y_g = np.einsum('bi,imn->bmn', h, wg) + g['bias']
+  return y_e + y_g
+
+
+def test_param_tree_paths_shapes_dtypes():
+  variables = _init(rank=3)
+  assert list(variables) == ['params']
+  got = jax.tree.map(lambda a: (a.shape, str(a.dtype)), variables['params'])
+  f32 = 'float32'
+  assert got == {
+      'Dense_0': {
+          'kernel': ((4, 4), f32), 'bias': ((4,), f32),
+          'lora': {'a': ((4, 3), f32), 'b': ((3, 4), f32)},
+      },
+      'Dense_1': {
+          'kernel': ((4, 4), f32), 'bias': ((4,), f32),
+          'lora': {'a': ((4, 3), f32), 'b': ((3, 4), f32)},
+      },
+      'Einsum_0': {
+          'kernel': ((4, 2, 3), f32), 'bias': ((2, 3), f32),
+          'lora': {'a': ((4, 3), f32), 'b': ((3, 2, 3), f32)},
+      },
+      'DenseGeneral_0': {
+          'kernel': ((4, 2, 3), f32), 'bias': ((2, 3), f32),
+          'lora': {'a': ((4, 3), f32), 'b': ((3, 2, 3), f32)},
+      },
+  }
+
+
+def test_lora_dtype():
+  variables = _init(dtype=jnp.bfloat16)
+  _, lora = split_params(variables['params'])
+  assert {str(l.dtype) for l in jax.tree.leaves(lora)} == {'bfloat16'}
+
+
+def test_fresh_wrapper_is_identity_and_base_params_unchanged():
+  variables = _init()
+  plain = _Model().init(jax.random.key(0), _X)
+  original, lora = split_params(variables['params'])
+  # b starts at zero; a is not zero.
+  for layer in lora.values():
+    assert not np.any(np.asarray(layer['lora']['b']))
+    assert np.any(np.asarray(layer['lora']['a']))
+  # The base layers' params are exactly what the plain model initialises.
+  jax.tree.map(np.testing.assert_array_equal, original, plain['params'])
+  np.testing.assert_allclose(
+      _apply(variables), _Model().apply(plain, _X), rtol=1e-6, atol=1e-6
+  )
+
+
+@pytest.mark.parametrize('alpha', [None, 6.0])
+def test_outputs_with_nonzero_b_match_reference(alpha):
+  rank = 3
+  params = _randomize(_init(rank=rank, alpha=alpha)['params'])
+  y = _apply({'params': params}, rank=rank, alpha=alpha)
+  scale = 1.0 if alpha is None else alpha / rank
+  np.testing.assert_allclose(
+      np.asarray(y), _reference(params, _X, scale), rtol=2e-5, atol=2e-5
+  )
+  y_jit = jax.jit(lambda p: _apply({'params': p}, rank=rank, alpha=alpha))(
+      params)
+  np.testing.assert_allclose(y_jit, y, rtol=1e-6, atol=1e-6)
+
+
+def test_params_only_apply_and_missing_lora_error():
+  variables = _init()
+  # `init(...)['params']` alone is enough: the scale is not a variable.
+  _apply({'params': variables['params']})
+  original, _ = split_params(variables['params'])
+  with pytest.raises(ValueError, match='LoRA params.*missing'):
+    _apply({'params': original})
+
+
+def test_lora_only_training_lowers_loss():
+  params = _init(rank=2)['params']
+  original, lora = split_params(params)
+  target = jnp.sin(jnp.arange(30.0).reshape(5, 2, 3))
+
+  def loss_fn(lora):
+    y = _apply({'params': merge_params(original, lora)})
+    return jnp.mean((y - target) ** 2)
+
+  tx = optax.adam(3e-2)
+  opt_state = tx.init(lora)
+
+  @jax.jit
+  def step(lora, opt_state):
+    loss, grads = jax.value_and_grad(loss_fn)(lora)
+    updates, opt_state = tx.update(grads, opt_state, lora)
+    return optax.apply_updates(lora, updates), opt_state, loss
+
+  losses = []
+  for _ in range(30):
+    lora, opt_state, loss = step(lora, opt_state)
+    losses.append(float(loss))
+  assert losses[-1] < 0.7 * losses[0]
+  assert jax.tree.structure(lora) == jax.tree.structure(
+      split_params(params)[1])
+
+
+def test_fuse_params_gives_same_output():
+  params = _randomize(_init()['params'])
+  y = _apply({'params': params})
+  fused = fuse_params(params)
+  y_fused = _Model().apply({'params': fused}, _X)  # plain model, no LoRA
+  np.testing.assert_allclose(y_fused, y, rtol=2e-5, atol=2e-5)
+
+
+def test_direct_use_document_layout():
+
+  class MyModel(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      layer = LoRADense(rank=3, wrapped=nn.Dense(10))
+      return layer(x)
+
+  params = MyModel().init(jax.random.key(0), _X)['params']
+  assert jax.tree.map(jnp.shape, params) == {
+      'Dense_0': {'kernel': (4, 10), 'bias': (10,),
+                  'lora': {'a': (4, 3), 'b': (3, 10)}}
+  }
+
+
+def test_adapters_alone():
+  x = np.asarray(_X)
+
+  class M(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      y1 = LoRADenseAdapter(rank=2, features=3)(x)
+      y2 = LoRAEinsumAdapter(rank=2, einsum_str='bi,imn->bmn',
+                             shape=(4, 2, 3))(x)
+      y3 = LoRADenseGeneralAdapter(rank=2, features=(2, 3), alpha=4.0)(x)
+      return y1, y2, y3
+
+  variables = M().init(jax.random.key(0), _X)
+  p = _randomize(variables['params'])
+  assert jax.tree.map(jnp.shape, p) == {
+      'LoRADenseAdapter_0': {'a': (4, 2), 'b': (2, 3)},
+      'LoRAEinsumAdapter_0': {'a': (4, 2), 'b': (2, 2, 3)},
+      'LoRADenseGeneralAdapter_0': {'a': (4, 2), 'b': (2, 2, 3)},
+  }
+  y1, y2, y3 = M().apply({'params': p}, _X)
+  q = jax.tree.map(np.asarray, p)
+  np.testing.assert_allclose(
+      y1, x @ q['LoRADenseAdapter_0']['a'] @ q['LoRADenseAdapter_0']['b'],
+      rtol=1e-5, atol=1e-5)
+  e = q['LoRAEinsumAdapter_0']
+  np.testing.assert_allclose(
+      y2, np.einsum('bi,ir,rmn->bmn', x, e['a'], e['b']), rtol=1e-5,
+      atol=1e-5)
+  g = q['LoRADenseGeneralAdapter_0']
+  np.testing.assert_allclose(
+      y3, 2.0 * np.einsum('bi,ir,rmn->bmn', x, g['a'], g['b']), rtol=1e-5,
+      atol=1e-5)
+
+
+def test_dense_general_batch_dims_and_axes():
+  x = jax.random.normal(jax.random.key(3), (3, 5, 2, 4))
+  layer = LoRADenseGeneral(
+      rank=2,
+      wrapped=nn.DenseGeneral(features=(6,), axis=(-2, -1), batch_dims=(0,)),
+  )
+  variables = layer.init(jax.random.key(0), x)
+  p = _randomize(variables['params'])
+  assert jax.tree.map(jnp.shape, p) == {
+      'kernel': (3, 2, 4, 6), 'bias': (3, 6),
+      'lora': {'a': (3, 2, 4, 2), 'b': (3, 2, 6)},
+  }
+  y = layer.apply({'params': p}, x)
+  q = jax.tree.map(np.asarray, p)
+  w = q['kernel'] + np.einsum('bijr,brf->bijf', q['lora']['a'],
+                              q['lora']['b'])
+  ref = np.einsum('btij,bijf->btf', np.asarray(x), w) + q['bias'][:, None]
+  np.testing.assert_allclose(y, ref, rtol=2e-5, atol=2e-5)
+
+
+def test_einsum_str_at_call_time():
+  layer = LoRAEinsum(rank=2, wrapped=nn.Einsum(shape=(4, 2, 3),
+                                              use_bias=False))
+  v = layer.init(jax.random.key(0), _X, 'bi,imn->bmn')
+  p = _randomize(v['params'])
+  y = layer.apply({'params': p}, _X, 'bi,imn->bmn')
+  q = jax.tree.map(np.asarray, p)
+  w = q['kernel'] + np.einsum('ir,rmn->imn', q['lora']['a'], q['lora']['b'])
+  np.testing.assert_allclose(y, np.einsum('bi,imn->bmn', np.asarray(_X), w),
+                             rtol=2e-5, atol=2e-5)
+
+
+def test_errors():
+  with pytest.raises(ValueError, match='rank must be a positive int'):
+    LoRADense(rank=0, wrapped=nn.Dense(3))
+  with pytest.raises(TypeError, match='`wrapped` must be an nn.Dense'):
+    LoRADense(rank=2, wrapped=nn.Einsum(shape=(4, 3), einsum_str='bi,io->bo'))
+  with pytest.raises(TypeError, match='`wrapped` must be an nn.Einsum'):
+    LoRAEinsum(rank=2, wrapped=nn.Dense(3))
+  with pytest.raises(TypeError, match='`wrapped` must be an nn.DenseGeneral'):
+    LoRADenseGeneral(rank=2, wrapped=nn.Dense(3))
+  with pytest.raises(ValueError, match='rank must be a positive int'):
+    LoRADenseAdapter(rank=-1, features=3).init(jax.random.key(0), _X)
+  with pytest.raises(ValueError, match='einsum_str'):
+    LoRAEinsumAdapter(rank=2, einsum_str='bi,imn', shape=(4, 2, 3)).init(
+        jax.random.key(0), _X)
+  with pytest.raises(TypeError):
+    LoRADenseAdapter(rank=2)  # `features` is required
+
+
+def test_mutable_params_apply_initialises_missing_lora():
+  layer = LoRADense(rank=2, wrapped=nn.Dense(3))
+  base = nn.Dense(3).init(jax.random.key(0), _X)
+  _, updated = layer.apply(base, _X, mutable=['params'],
+                           rngs={'params': jax.random.key(1)})
+  assert jax.tree.map(jnp.shape, updated['params']['lora']) == {
+      'a': (4, 2), 'b': (2, 3)}
+
+
+def test_threads_match_sequential():
+  """4 threads, each with its own ModuleInterceptor and model, as sequential."""
+
+  def run(i):
+    x = jax.random.normal(jax.random.key(i), (3, 4))
+    with ModuleInterceptor(_to_lora(rank=i + 1)):
+      variables = _Model().init(jax.random.key(i), x)
+      y = _Model().apply(variables, x)
+    return variables, y
+
+  sequential = [run(i) for i in range(4)]
+  threaded, errors = [None] * 4, []
+
+  def work(i):
+    try:
+      threaded[i] = run(i)
+    except Exception as e:  # pragma: no cover - reported below
+      errors.append(e)
+
+  threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert not errors, errors
+  for (v_s, y_s), (v_t, y_t) in zip(sequential, threaded):
+    assert jax.tree.structure(v_s) == jax.tree.structure(v_t)
+    jax.tree.map(np.testing.assert_array_equal, v_s, v_t)
+    np.testing.assert_array_equal(y_s, y_t)
+  assert sequential[3][0]['params']['Dense_0']['lora']['a'].shape == (4, 4)
