@@ -1,0 +1,65 @@
+"""The NNX-first API: LoRA and quantization modules, and graph surgery.
+
+Example:
+
+>>> import jax.numpy as jnp
+>>> from flax import nnx
+>>> import peft.nnx as pnnx
+>>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)),
+...                        nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+>>> model = pnnx.apply_lora(model, rank=2, rngs=nnx.Rngs(2))
+>>> [type(layer).__name__ for layer in model.layers]
+['LoRALinear', 'LoRALinear']
+>>> model(jnp.ones((1, 8))).shape
+(1, 4)
+"""
+
+from peft.nnx.lora import LoRAEinsum
+from peft.nnx.lora import LoRAEinsumAdapter
+from peft.nnx.lora import LoRALinear
+from peft.nnx.lora import LoRALinearAdapter
+from peft.nnx.lora import LoRALinearGeneral
+from peft.nnx.lora import LoRALinearGeneralAdapter
+from peft.nnx.lora import LoRAScale
+from peft.nnx.quantized import Int4Einsum
+from peft.nnx.quantized import Int4Linear
+from peft.nnx.quantized import Int4LinearGeneral
+from peft.nnx.quantized import QuantizedWeight
+from peft.nnx.quantized import SimulateQuantizedEinsum
+from peft.nnx.quantized import SimulateQuantizedLinear
+from peft.nnx.quantized import SimulateQuantizedLinearGeneral
+from peft.nnx.surgery import ParamSummary
+from peft.nnx.surgery import apply_lora
+from peft.nnx.surgery import lora_state
+from peft.nnx.surgery import merge_lora
+from peft.nnx.surgery import quantize
+from peft.nnx.surgery import replace
+from peft.nnx.surgery import select
+from peft.nnx.surgery import simulate_quantization
+from peft.nnx.surgery import summary
+
+__all__ = [
+    'LoRALinear',
+    'LoRAEinsum',
+    'LoRALinearGeneral',
+    'LoRALinearAdapter',
+    'LoRAEinsumAdapter',
+    'LoRALinearGeneralAdapter',
+    'LoRAScale',
+    'SimulateQuantizedLinear',
+    'SimulateQuantizedEinsum',
+    'SimulateQuantizedLinearGeneral',
+    'Int4Linear',
+    'Int4Einsum',
+    'Int4LinearGeneral',
+    'QuantizedWeight',
+    'replace',
+    'select',
+    'apply_lora',
+    'simulate_quantization',
+    'quantize',
+    'merge_lora',
+    'lora_state',
+    'summary',
+    'ParamSummary',
+]

@@ -1,0 +1,719 @@
+"""Quantization numerics: fake (simulated) and real quantization of arrays.
+
+Everything here is pure `jax.numpy` on one array; the layers that use it live in
+`peft.nnx.quantized` and `peft.linen`.
+
+* `simulate_quantize(x, method)` returns `x` rounded onto the grid of `method`
+  (same shape and dtype), with a straight-through estimator: its gradient with
+  respect to `x` is exactly the identity, which is what quantization-aware
+  training needs.
+* `quantize(x, method)` stores the same numbers compactly in a `QArray`
+  (`jnp.int4` / `jnp.int8` values with per-channel scales, or ggml's Q4_0 blocks
+  of 32 four-bit values and one float16 scale); `dequantize` inverts it, and
+  `dequantize(quantize(x, m))` equals `simulate_quantize(x, m)` bit for bit.
+* `to_ggml_bytes` gives the byte stream llama.cpp / ggml writes for Q4_0.
+
+All arithmetic is done in float32 (bfloat16 and float16 inputs are upcast and
+the result is cast back to the input dtype). XLA on CPU flushes float32
+subnormals to zero, so a Q4_0 block whose largest magnitude is below
+8 * 2**-126 (about 9.4e-38) gets d = 0 (all codes 8) where ggml keeps a
+subnormal d; both dequantize to zeros.
+
+Example:
+
+>>> import jax.numpy as jnp
+>>> from peft import quantization as q
+>>> w = jnp.linspace(-1.0, 1.0, 64).reshape(2, 32)
+>>> w_int4 = q.simulate_quantize(w, 'int4')
+>>> qa = q.quantize(w, q.QuantizationMethod.Q4_0)
+>>> qa.nbytes  # 2 blocks of 32 weights, 18 bytes each
+36
+>>> bool((q.dequantize(qa) == q.simulate_quantize(w, 'q4_0')).all())
+True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import functools
+from typing import Any, Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    'QuantizationMethod',
+    'QArray',
+    'simulate_quantize',
+    'quantize',
+    'dequantize',
+    'to_ggml_bytes',
+    'pack_q4_0',
+    'unpack_q4_0',
+    'Q4_0_BLOCK_SIZE',
+]
+
+#: Number of consecutive values sharing one scale in ggml's Q4_0 format.
+Q4_0_BLOCK_SIZE = 32
+
+# SFP8 constants (DESIGN.md, "Numerics").
+_SFP8_MAX = 1.875  # max|w| of a channel maps here.
+_SFP8_SMALLEST = 1.4901161193847656e-07  # = 5 * 2**-25, smallest non-zero.
+_SFP8_ZERO_BELOW = 1.1175882588358173e-07  # below this: zero.
+# `y < _SFP8_ZERO_BELOW` (a real-number comparison) is `y <= float32(c)` for a
+# float32 `y`, because float32(c) < c < the next float32.
+_SFP8_ZERO_AT_OR_BELOW_F32 = float(np.float32(_SFP8_ZERO_BELOW))
+_SFP8_DOUBLE_STEP_BELOW = 2.0**-7  # 2**floor(log2 y) <= 1/256  <=>  y < 1/128.
+
+
+class QuantizationMethod(str, enum.Enum):
+  """How weights are quantized; a string enum (case-insensitive).
+
+  * `NONE`: identity.
+  * `INT4` / `INT8`: symmetric per-channel integers,
+    `scale = (2**(b-1) - 1) / max|w|`, `w' = clip(round(w * scale)) / scale`
+    (the division done as a product with the float32 `1 / scale`).
+  * `Q4_0`: llama.cpp / ggml Q4_0, blocks of 32 along the last axis.
+  * `Q4_0_TRANSPOSE`: Q4_0 with blocks along the second-to-last axis.
+  * `SFP8`: per-channel scaled 8-bit float with 3 mantissa bits (simulation
+    only; there is no packed storage for it).
+
+  Example:
+
+  >>> QuantizationMethod('INT4') is QuantizationMethod.INT4
+  True
+  >>> QuantizationMethod.Q4_0 == 'q4_0'
+  True
+  """
+
+  NONE = 'none'
+  INT4 = 'int4'
+  INT8 = 'int8'
+  Q4_0 = 'q4_0'
+  Q4_0_TRANSPOSE = 'q4_0_transpose'
+  SFP8 = 'sfp8'
+
+  @classmethod
+  def _missing_(cls, value: object) -> QuantizationMethod:
+    if isinstance(value, str):
+      lowered = value.strip().lower()
+      for member in cls:
+        if member.value == lowered:
+          return member
+    valid = ', '.join(repr(m.value) for m in cls)
+    raise ValueError(
+        f'Unknown quantization method {value!r}; `method` must be a'
+        f' QuantizationMethod or one of the strings {valid} (case-insensitive).'
+    )
+
+
+_REAL_METHODS = (
+    QuantizationMethod.INT4,
+    QuantizationMethod.INT8,
+    QuantizationMethod.Q4_0,
+    QuantizationMethod.Q4_0_TRANSPOSE,
+)
+_INT_BITS = {QuantizationMethod.INT4: 4, QuantizationMethod.INT8: 8}
+_INT_DTYPES = {QuantizationMethod.INT4: jnp.int4, QuantizationMethod.INT8: jnp.int8}
+
+
+# ----------------------------------------------------------------------------
+# Argument checking.
+
+
+def _as_method(method: Any) -> QuantizationMethod:
+  if isinstance(method, QuantizationMethod):
+    return method
+  return QuantizationMethod(method)
+
+
+def _as_float_array(x: Any, fn_name: str) -> jax.Array:
+  if not isinstance(x, jax.Array):
+    x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(
+        f'{fn_name}: `x` must be a floating-point array (float32, bfloat16 or'
+        f' float16), got dtype {x.dtype}; cast it first, e.g.'
+        ' `x.astype(jnp.float32)`.'
+    )
+  return x
+
+
+def _reduce_axes(
+    ndim: int, axis_to_reduce: int | Sequence[int] | None
+) -> tuple[int, ...]:
+  """Normalizes `axis_to_reduce` to sorted non-negative axes."""
+  if axis_to_reduce is None:
+    return tuple(range(ndim - 1))
+  if isinstance(axis_to_reduce, (int, np.integer)) and not isinstance(
+      axis_to_reduce, bool
+  ):
+    axes = (int(axis_to_reduce),)
+  elif isinstance(axis_to_reduce, (tuple, list)) and all(
+      isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+      for a in axis_to_reduce
+  ):
+    axes = tuple(int(a) for a in axis_to_reduce)
+  else:
+    raise TypeError(
+        '`axis_to_reduce` must be None, an int or a tuple of ints (the axes'
+        f' over which the per-channel max is taken), got {axis_to_reduce!r}.'
+    )
+  normalized = []
+  for a in axes:
+    if not -ndim <= a < ndim:
+      raise ValueError(
+          f'`axis_to_reduce` contains axis {a}, out of range for an array with'
+          f' {ndim} dimensions; use axes in [{-ndim}, {ndim - 1}].'
+      )
+    normalized.append(a % ndim)
+  if len(set(normalized)) != len(normalized):
+    raise ValueError(
+        f'`axis_to_reduce` {axis_to_reduce!r} names the same axis twice; list'
+        ' each axis once.'
+    )
+  return tuple(sorted(normalized))
+
+
+def _check_q4_0_shape(shape: tuple[int, ...], method: QuantizationMethod):
+  transpose = method is QuantizationMethod.Q4_0_TRANSPOSE
+  axis = -2 if transpose else -1
+  if len(shape) < -axis:
+    raise ValueError(
+        f'{method.name} quantizes blocks of {Q4_0_BLOCK_SIZE} along axis'
+        f' {axis}, so `x` needs at least {-axis} dimension(s); got shape'
+        f' {shape}.'
+    )
+  length = shape[axis]
+  if length % Q4_0_BLOCK_SIZE:
+    name = 'second-to-last' if transpose else 'last'
+    raise ValueError(
+        f'{method.name} quantizes blocks of {Q4_0_BLOCK_SIZE} consecutive'
+        f' values along the {name} axis (axis {axis}) of `x`, but that axis'
+        f' has length {length} in shape {shape}, not a multiple of'
+        f' {Q4_0_BLOCK_SIZE}. Pad it to a multiple of {Q4_0_BLOCK_SIZE}, or'
+        ' use INT4/INT8 (per channel, any shape).'
+    )
+
+
+# ----------------------------------------------------------------------------
+# Per-channel integer quantization (INT4 / INT8).
+
+
+def _abs_max(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """max|x| over `axes`, kept as size-1 axes."""
+  return jnp.max(jnp.abs(x), axis=axes, keepdims=True)
+
+
+def _reciprocal(scale: jax.Array) -> jax.Array:
+  """`1 / scale`: dividing by a per-channel scale is multiplying by this.
+
+  XLA rewrites `a / broadcast(scale)` into `a * broadcast(1 / scale)` (1 ulp
+  away from a true division now and then), so `w / scale` in a jitted layer
+  depends on shapes. Writing the multiplication explicitly makes every path
+  (simulate, dequantize, a layer dividing by `QArray.scale`) agree bit for
+  bit on every backend.
+  """
+  return jnp.float32(1.0) / scale
+
+
+def _int_scale(x: jax.Array, bits: int, axes: tuple[int, ...]) -> jax.Array:
+  """`(2**(bits-1) - 1) / max|x|` over `axes` (kept as size 1); 1 if max is 0."""
+  scale = jnp.float32(2 ** (bits - 1) - 1) / _abs_max(x, axes)
+  # amax == 0 (or so small that the scale overflows): the channel becomes 0.
+  return jnp.where(jnp.isfinite(scale), scale, jnp.float32(1.0))
+
+
+def _int_codes(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
+  """clip(round(x * scale)) as float32 integers; zero is +0.0 as in storage."""
+  lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+  q = jnp.clip(jnp.round(x * scale), lo, hi)
+  # round(-0.3) is -0.0, but an integer code 0 dequantizes to +0.0.
+  return jnp.where(q == 0, jnp.float32(0.0), q)
+
+
+def _simulate_int(x: jax.Array, bits: int, axes: tuple[int, ...]) -> jax.Array:
+  scale = _int_scale(x, bits, axes)
+  return _int_codes(x, scale, bits) * _reciprocal(scale)
+
+
+# ----------------------------------------------------------------------------
+# ggml Q4_0.
+
+
+def _q4_0_blocks(x: jax.Array, transpose: bool) -> tuple[jax.Array, int]:
+  """Reshapes so that each block of 32 is one axis; returns (blocks, axis)."""
+  if transpose:  # (*lead, K, N) -> (*lead, K // 32, 32, N); blocks on axis -2.
+    *lead, k, n = x.shape
+    return x.reshape(*lead, k // Q4_0_BLOCK_SIZE, Q4_0_BLOCK_SIZE, n), -2
+  *lead, k = x.shape  # (*lead, K) -> (*lead, K // 32, 32); blocks on axis -1.
+  return x.reshape(*lead, k // Q4_0_BLOCK_SIZE, Q4_0_BLOCK_SIZE), -1
+
+
+def _q4_0_encode(blocks: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+  """ggml's Q4_0 of float32 `blocks` along `axis` (size 32).
+
+  Returns `(q, d)`: `q` the float codes in [0, 15], `d` the float32 scale with
+  `axis` kept as size 1 (stored as float16 by ggml).
+  """
+  # m = the value of largest magnitude with its sign; on ties the first one.
+  # (Two plain reductions: on XLA:CPU reducing abs(blocks) over a block axis
+  # materializes abs(blocks) first and is slower.)
+  x_max = jnp.max(blocks, axis=axis, keepdims=True)
+  x_min = jnp.min(blocks, axis=axis, keepdims=True)
+  amax = jnp.abs(jnp.maximum(x_max, -x_min))
+  m = jnp.where(x_max > -x_min, x_max, x_min)
+  # A tie: the block holds both +a and -a as its largest magnitude, or is all
+  # zeros (+0.0 and -0.0; the sign of d is part of ggml's bytes). The first
+  # one wins, which needs a second pass over the data, done only if some
+  # block has a tie.
+  tie = x_max == -x_min
+
+  def resolve_ties(m):
+    index = lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim + axis)
+    # Among the maxima the largest key wins, i.e. the smallest index; its low
+    # bit is that element's sign bit.
+    key = jnp.where(
+        jnp.abs(blocks) == amax,
+        (Q4_0_BLOCK_SIZE - index) * 2 + jnp.signbit(blocks).astype(jnp.int32),
+        0,
+    )
+    negative = (jnp.max(key, axis=axis, keepdims=True) & 1) == 1
+    return jnp.where(tie, jnp.where(negative, -amax, amax), m)
+
+  m = lax.cond(jnp.any(tie), resolve_ties, lambda m: m, m)
+  d = m / jnp.float32(-8.0)
+  # ggml multiplies by the float32 reciprocal of the float32 d (not divides).
+  inv_d = jnp.where(d == 0, jnp.float32(0.0), jnp.float32(1.0) / d)
+  # ggml rounds x * inv_d to float32 before adding 8.5. Left alone, XLA (CPU
+  # and GPU) contracts the multiply-add into one FMA with a single rounding,
+  # which changes about one block in 60k. OR-ing isnan(d) into the product's
+  # bits is an integer no-op the compiler cannot see through (if d is NaN,
+  # the product is NaN and stays NaN), so both roundings happen.
+  product = lax.bitcast_convert_type(blocks * inv_d, jnp.int32)
+  product = product | jnp.isnan(d).astype(jnp.int32)
+  product = lax.bitcast_convert_type(product, jnp.float32)
+  # product >= -8 * (1 + 2**-22), so product + 8.5 > 0 and floor == trunc.
+  q = jnp.minimum(jnp.floor(product + jnp.float32(8.5)), jnp.float32(15.0))
+  return q, d
+
+
+def _q4_0_scale_f32(d: jax.Array) -> jax.Array:
+  """The float16 scale ggml stores, back in float32."""
+  return d.astype(jnp.float16).astype(jnp.float32)
+
+
+def _simulate_q4_0(x: jax.Array, transpose: bool) -> jax.Array:
+  blocks, axis = _q4_0_blocks(x, transpose)
+  q, d = _q4_0_encode(blocks, axis)
+  return (_q4_0_scale_f32(d) * (q - jnp.float32(8.0))).reshape(x.shape)
+
+
+def pack_q4_0(codes: jax.Array) -> jax.Array:
+  """Packs 4-bit codes `(..., 32)` into ggml's Q4_0 nibble layout `(..., 16)`.
+
+  Byte `i` of a block holds code `i` in its low nibble and code `i + 16` in its
+  high nibble. Codes are unsigned (0..15, the dequantized value being
+  `d * (code - 8)`).
+
+  Example:
+
+  >>> import jax.numpy as jnp
+  >>> codes = jnp.arange(32, dtype=jnp.uint8) % 16
+  >>> pack_q4_0(codes)[:2]  # 0 | (0 << 4), 1 | (1 << 4)
+  Array([ 0, 17], dtype=uint8)
+  """
+  codes = jnp.asarray(codes)
+  if codes.ndim < 1 or codes.shape[-1] != Q4_0_BLOCK_SIZE:
+    raise ValueError(
+        f'pack_q4_0: `codes` must have a last axis of {Q4_0_BLOCK_SIZE} (one'
+        f' block), got shape {codes.shape}.'
+    )
+  codes = codes.astype(jnp.uint8)
+  half = Q4_0_BLOCK_SIZE // 2
+  return (codes[..., :half] & 0x0F) | ((codes[..., half:] & 0x0F) << 4)
+
+
+def unpack_q4_0(values: jax.Array) -> jax.Array:
+  """Unpacks Q4_0 nibbles `(..., 16)` uint8 into codes `(..., 32)` uint8.
+
+  Inverse of `pack_q4_0`: element `i` is the low nibble of byte `i`, element
+  `i + 16` its high nibble. Codes are in 0..15; values are `d * (code - 8)`.
+
+  Example:
+
+  >>> import jax.numpy as jnp
+  >>> codes = jnp.arange(32, dtype=jnp.uint8) % 16
+  >>> bool((unpack_q4_0(pack_q4_0(codes)) == codes).all())
+  True
+  """
+  values = jnp.asarray(values)
+  if values.ndim < 1 or values.shape[-1] != Q4_0_BLOCK_SIZE // 2:
+    raise ValueError(
+        f'unpack_q4_0: `values` must have a last axis of'
+        f' {Q4_0_BLOCK_SIZE // 2} (one packed block), got shape'
+        f' {values.shape}.'
+    )
+  if values.dtype != jnp.uint8:
+    raise ValueError(
+        f'unpack_q4_0: `values` must be uint8 packed nibbles, got dtype'
+        f' {values.dtype}.'
+    )
+  return jnp.concatenate([values & 0x0F, values >> 4], axis=-1)
+
+
+# ----------------------------------------------------------------------------
+# SFP8.
+
+
+def _f32_bits(value: float) -> int:
+  return int(np.float32(value).view(np.uint32))
+
+
+def _simulate_sfp8(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  """Per-channel SFP8 (DESIGN.md): 3 mantissa bits, 2 at or below 1/256."""
+  scale = jnp.float32(_SFP8_MAX) / _abs_max(x, axes)
+  scale = jnp.where(jnp.isfinite(scale), scale, jnp.float32(1.0))
+  # Work on the bits of y = x * scale: sign | exponent | 23 mantissa bits.
+  # Rounding |y| to the nearest multiple of step = 2**floor(log2|y|) / 8
+  # (ties to even) is rounding the mantissa to its top 3 bits: add half the
+  # kept lsb (minus one unless the kept part is odd) and clear the dropped
+  # bits; a carry moves into the exponent exactly when the rounding reaches
+  # the next power of two, and never into the sign. Where
+  # 2**floor(log2|y|) <= 1/256, i.e. |y| < 2**-7, the step doubles: 2 bits.
+  bits = lax.bitcast_convert_type(x * scale, jnp.uint32)
+  magnitude = bits & jnp.uint32(0x7FFFFFFF)  # bits of |y|, ordered like |y|
+  sign = bits & jnp.uint32(0x80000000)
+  kept_lsb = jnp.where(
+      magnitude < jnp.uint32(_f32_bits(_SFP8_DOUBLE_STEP_BELOW)),
+      jnp.uint32(1 << 21),
+      jnp.uint32(1 << 20),
+  )
+  kept_is_odd = ((bits & kept_lsb) != 0).astype(jnp.uint32)
+  rounded = (bits + (kept_lsb >> 1) - 1 + kept_is_odd) & ~(kept_lsb - 1)
+  # Below the smallest SFP8 magnitude: snap up to it, or to (signed) zero.
+  rounded = jnp.where(
+      magnitude < jnp.uint32(_f32_bits(_SFP8_SMALLEST)),
+      sign | jnp.uint32(_f32_bits(_SFP8_SMALLEST)),
+      rounded,
+  )
+  rounded = jnp.where(
+      magnitude <= jnp.uint32(_f32_bits(_SFP8_ZERO_AT_OR_BELOW_F32)),
+      sign,
+      rounded,
+  )
+  return lax.bitcast_convert_type(rounded, jnp.float32) * _reciprocal(scale)
+
+
+# ----------------------------------------------------------------------------
+# simulate_quantize with a straight-through estimator.
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _simulate_forward(
+    x: jax.Array, method: QuantizationMethod, axes: tuple[int, ...]
+) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  if method in _INT_BITS:
+    out = _simulate_int(x32, _INT_BITS[method], axes)
+  elif method is QuantizationMethod.Q4_0:
+    out = _simulate_q4_0(x32, transpose=False)
+  elif method is QuantizationMethod.Q4_0_TRANSPOSE:
+    out = _simulate_q4_0(x32, transpose=True)
+  elif method is QuantizationMethod.SFP8:
+    out = _simulate_sfp8(x32, axes)
+  else:  # Unreachable: NONE returns early in simulate_quantize.
+    raise ValueError(f'simulate_quantize: unsupported method {method!r}.')
+  return out.astype(x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _simulate_ste(
+    x: jax.Array, method: QuantizationMethod, axes: tuple[int, ...]
+) -> jax.Array:
+  return _simulate_forward(x, method, axes)
+
+
+def _simulate_ste_fwd(x, method, axes):
+  return _simulate_forward(x, method, axes), None
+
+
+def _simulate_ste_bwd(method, axes, residual, g):
+  del method, axes, residual
+  return (g,)  # Straight-through: the cotangent passes unchanged.
+
+
+_simulate_ste.defvjp(_simulate_ste_fwd, _simulate_ste_bwd)
+
+
+def simulate_quantize(
+    x: jax.Array,
+    method: QuantizationMethod | str,
+    axis_to_reduce: int | Sequence[int] | None = None,
+) -> jax.Array:
+  """Fake-quantizes `x`: rounds it onto `method`'s grid, keeping shape and dtype.
+
+  The forward pass is exactly the formula of `method` (see
+  `QuantizationMethod`; Q4_0 matches ggml bit for bit) computed in float32 and
+  cast back to `x.dtype`. The gradient with respect to `x` is exactly the
+  identity (straight-through estimator via `jax.custom_vjp`), so it can sit in
+  a training step (quantization-aware training).
+
+  Args:
+    x: floating-point array (float32, bfloat16 or float16).
+    method: a `QuantizationMethod` or its name, e.g. `'int4'`.
+    axis_to_reduce: for INT4, INT8 and SFP8, the axis or axes over which the
+      per-channel max is taken (default: every axis but the last, i.e. one
+      scale per output feature of a Dense kernel). Ignored by Q4_0 (blocks of
+      32 along the last axis) and Q4_0_TRANSPOSE (along axis -2).
+
+  Returns:
+    The quantized-then-dequantized array, same shape and dtype as `x`. An
+    all-zero channel or block gives zeros.
+
+  Example:
+
+  >>> import jax, jax.numpy as jnp
+  >>> w = jnp.array([[1.0, 0.2], [0.3, -0.4]])
+  >>> simulate_quantize(w, 'int4')  # per column: round(w * 7 / max|w|)
+  Array([[ 1.        ,  0.22857143],
+         [ 0.2857143 , -0.4       ]], dtype=float32)
+  >>> jax.grad(lambda w: simulate_quantize(w, 'int4').sum())(w)
+  Array([[1., 1.],
+         [1., 1.]], dtype=float32)
+  """
+  method = _as_method(method)
+  x = _as_float_array(x, 'simulate_quantize')
+  if method is QuantizationMethod.NONE:
+    return x
+  if method in (QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
+    _check_q4_0_shape(x.shape, method)
+    axes = ()
+  else:
+    axes = _reduce_axes(x.ndim, axis_to_reduce)
+  return _simulate_ste(x, method, axes)
+
+
+# ----------------------------------------------------------------------------
+# Real quantization.
+
+
+@functools.partial(
+    jax.tree_util.register_dataclass,
+    data_fields=['values', 'scale'],
+    meta_fields=['method', 'shape'],
+)
+@dataclasses.dataclass(frozen=True)
+class QArray:
+  """A quantized array: packed `values`, their `scale`, `method` and `shape`.
+
+  A jax pytree whose leaves are `values` and `scale` (`method` and `shape`,
+  the float array's shape, are static metadata), so it can pass through
+  `jax.jit`, be stored in a checkpoint or held by a module. Layouts:
+
+  * INT4 / INT8: `values` is `jnp.int4` / `jnp.int8` with `shape`; `scale` is
+    float32 with size 1 on the reduced axes; the array is `values / scale`
+    (computed as `values * (1 / scale)`, see `QuantizationMethod`).
+  * Q4_0: `values` uint8 `(*lead, K // 32, 16)` packed nibbles (ggml layout),
+    `scale` float16 `(*lead, K // 32)`.
+  * Q4_0_TRANSPOSE: Q4_0 of `swapaxes(x, -1, -2)`: for `shape = (*lead, K, N)`,
+    `values` is `(*lead, N, K // 32, 16)` and `scale` `(*lead, N, K // 32)`.
+
+  Example:
+
+  >>> import jax.numpy as jnp
+  >>> qa = quantize(jnp.ones((64, 8)), 'int4')
+  >>> qa.values.dtype, qa.scale.shape, qa.nbytes  # 64*8/2 + 8*4 bytes
+  (dtype(int4), (1, 8), 288)
+  """
+
+  values: jax.Array
+  scale: jax.Array
+  method: QuantizationMethod
+  shape: tuple[int, ...]
+
+  def __post_init__(self):
+    if not isinstance(self.method, QuantizationMethod):
+      object.__setattr__(self, 'method', QuantizationMethod(self.method))
+    if not isinstance(self.shape, tuple):
+      object.__setattr__(self, 'shape', tuple(int(s) for s in self.shape))
+
+  @property
+  def ndim(self) -> int:
+    """Number of dimensions of the float array."""
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    """Real storage in bytes (int4 counts half a byte per element).
+
+    Example:
+
+    >>> import jax.numpy as jnp
+    >>> quantize(jnp.ones((4, 64)), 'q4_0').nbytes  # 8 blocks * 18 bytes
+    144
+    """
+    values_size = int(np.prod(self.values.shape))
+    scale_size = int(np.prod(self.scale.shape))
+    if jnp.dtype(self.values.dtype) == jnp.dtype(jnp.int4):
+      values_bytes = (values_size + 1) // 2
+    else:
+      values_bytes = values_size * jnp.dtype(self.values.dtype).itemsize
+    return values_bytes + scale_size * jnp.dtype(self.scale.dtype).itemsize
+
+
+def quantize(
+    x: jax.Array,
+    method: QuantizationMethod | str,
+    axis_to_reduce: int | Sequence[int] | None = None,
+) -> QArray:
+  """Really quantizes `x` (INT4, INT8, Q4_0 or Q4_0_TRANSPOSE) into a `QArray`.
+
+  `dequantize(quantize(x, m))` equals `simulate_quantize(x, m)` bit for bit.
+
+  Args:
+    x: floating-point array (float32, bfloat16 or float16).
+    method: INT4, INT8, Q4_0 or Q4_0_TRANSPOSE (or their names).
+    axis_to_reduce: INT4 / INT8 only: axes over which the per-channel max is
+      taken (default: all but the last).
+
+  Returns:
+    A `QArray` (see its docstring for the layouts).
+
+  Example:
+
+  >>> import jax.numpy as jnp
+  >>> w = jnp.linspace(-1.0, 1.0, 256).reshape(32, 8)
+  >>> qa = quantize(w, 'q4_0_transpose')  # blocks of 32 down each column
+  >>> qa.values.shape, qa.scale.shape, qa.nbytes
+  ((8, 1, 16), (8, 1), 144)
+  """
+  method = _as_method(method)
+  if method not in _REAL_METHODS:
+    raise ValueError(
+        f'quantize: {method.name} has no packed storage; real storage exists'
+        ' only for int4, int8, q4_0 and q4_0_transpose. Use'
+        ' `simulate_quantize(x, method)` for fake quantization instead.'
+    )
+  x = _as_float_array(x, 'quantize')
+  if method in _INT_BITS:
+    axes = _reduce_axes(x.ndim, axis_to_reduce)
+  else:
+    _check_q4_0_shape(x.shape, method)
+    axes = ()
+  values, scale = _quantize_arrays(x, method, axes)
+  return QArray(values=values, scale=scale, method=method, shape=x.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_arrays(
+    x: jax.Array, method: QuantizationMethod, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array]:
+  x32 = x.astype(jnp.float32)
+  if method in _INT_BITS:
+    bits = _INT_BITS[method]
+    scale = _int_scale(x32, bits, axes)
+    return _int_codes(x32, scale, bits).astype(_INT_DTYPES[method]), scale
+  transpose = method is QuantizationMethod.Q4_0_TRANSPOSE
+  blocks, axis = _q4_0_blocks(x32, transpose)
+  q, d = _q4_0_encode(blocks, axis)
+  codes = q.astype(jnp.uint8)
+  scale = jnp.squeeze(d, axis).astype(jnp.float16)
+  if not transpose:
+    return pack_q4_0(codes), scale
+  # codes: (*lead, K//32, 32, N). Pack along the block axis first, then
+  # transpose the half-size packed bytes to (*lead, N, K//32, 16).
+  half = Q4_0_BLOCK_SIZE // 2
+  packed = codes[..., :half, :] | (codes[..., half:, :] << 4)
+  return jnp.moveaxis(packed, -1, -3), jnp.swapaxes(scale, -1, -2)
+
+
+def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
+  """Inverse of `quantize`: the float array of shape `q.shape`, as `dtype`.
+
+  Computed in float32 then cast to `dtype`.
+
+  Example:
+
+  >>> import jax.numpy as jnp
+  >>> w = jnp.array([[0.5, -1.0], [0.25, 0.75]])
+  >>> dequantize(quantize(w, 'int8'))
+  Array([[ 0.5      , -1.       ],
+         [ 0.2519685,  0.7480315]], dtype=float32)
+  """
+  if not isinstance(q, QArray):
+    raise TypeError(
+        f'dequantize: `q` must be a QArray (from `quantize`), got {type(q)}.'
+    )
+  method = q.method
+  if method not in _REAL_METHODS:
+    raise ValueError(
+        f'dequantize: a QArray cannot hold method {method.name}; real storage'
+        ' exists only for int4, int8, q4_0 and q4_0_transpose.'
+    )
+  if method in (QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
+    *lead, n_blocks, _ = q.values.shape
+    shape = (*lead, n_blocks * Q4_0_BLOCK_SIZE)
+    if method is QuantizationMethod.Q4_0_TRANSPOSE and lead:
+      shape = (*lead[:-1], shape[-1], lead[-1])
+    if shape != tuple(q.shape):
+      raise ValueError(
+          f'dequantize: packed values of shape {q.values.shape} hold an array'
+          f' of shape {shape}, but the QArray says {q.shape}; it is'
+          ' inconsistent.'
+      )
+  return _dequantize_arrays(q.values, q.scale, method, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _dequantize_arrays(
+    values: jax.Array,
+    scale: jax.Array,
+    method: QuantizationMethod,
+    dtype: jnp.dtype,
+) -> jax.Array:
+  if method in _INT_BITS:
+    out = values.astype(jnp.float32) * _reciprocal(scale.astype(jnp.float32))
+    return out.astype(dtype)
+  codes = unpack_q4_0(values).astype(jnp.float32)
+  d = scale.astype(jnp.float32)[..., None]
+  out = d * (codes - jnp.float32(8.0))  # (*lead, K // 32, 32)
+  out = out.reshape(*out.shape[:-2], -1)
+  if method is QuantizationMethod.Q4_0_TRANSPOSE:
+    out = jnp.swapaxes(out, -1, -2)
+  return out.astype(dtype)
+
+
+def to_ggml_bytes(q: QArray) -> np.ndarray:
+  """The exact ggml Q4_0 byte stream of a Q4_0 / Q4_0_TRANSPOSE `QArray`.
+
+  Each block of 32 values is 18 bytes: the float16 scale (little-endian), then
+  the 16 packed bytes. The result is shaped like ggml's (and
+  `gguf.quants.quantize`'s) output: `(*lead, K // 32 * 18)` uint8. For
+  Q4_0_TRANSPOSE the stream is that of `swapaxes(x, -1, -2)`, i.e.
+  `(*lead, N, K // 32 * 18)`.
+
+  Example:
+
+  >>> import numpy as np
+  >>> qa = quantize(np.ones((2, 64), np.float32), 'q4_0')
+  >>> to_ggml_bytes(qa).shape  # 2 rows of 2 blocks of 18 bytes
+  (2, 36)
+  """
+  if not isinstance(q, QArray) or q.method not in (
+      QuantizationMethod.Q4_0,
+      QuantizationMethod.Q4_0_TRANSPOSE,
+  ):
+    got = q.method.name if isinstance(q, QArray) else type(q).__name__
+    raise ValueError(
+        '`to_ggml_bytes` needs a QArray quantized with Q4_0 or Q4_0_TRANSPOSE,'
+        f' got {got}.'
+    )
+  values = np.asarray(q.values, dtype=np.uint8)
+  scale = np.asarray(q.scale).astype('<f2').view(np.uint8)
+  scale = scale.reshape(*values.shape[:-1], 2)
+  blocks = np.concatenate([scale, values], axis=-1)  # (*lead, nb, 18)
+  return blocks.reshape(*blocks.shape[:-2], -1)
