@@ -1,0 +1,302 @@
+"""Tests for peft/checkpoint.py: adapter save/load (strict), orbax round trips."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from peft import checkpoint
+from peft.nnx import surgery
+
+
+class _Net(nnx.Module):
+
+  def __init__(self, rngs, hidden=32):
+    self.layers = nnx.List([
+        nnx.Linear(64, hidden, rngs=rngs),
+        nnx.Linear(hidden, 64, rngs=rngs),
+    ])
+    self.proj = nnx.Einsum('bd,dhk->bhk', (64, 2, 32), rngs=rngs)
+
+  def __call__(self, x):
+    for layer in self.layers:
+      x = jax.nn.relu(layer(x))
+    return self.proj(x)
+
+
+def _bits(x):
+  """Exact bit pattern of an array (int4 compared by value, others by bytes)."""
+  x = np.asarray(x)
+  if x.dtype.itemsize == 1 or str(x.dtype) in ('int4', 'uint4'):
+    return x.astype(np.int16), str(x.dtype)
+  return x.view(f'u{x.dtype.itemsize}'), str(x.dtype)
+
+
+def _assert_trees_bit_equal(a, b):
+  la = jax.tree_util.tree_leaves_with_path(a)
+  lb = jax.tree_util.tree_leaves_with_path(b)
+  assert [jax.tree_util.keystr(p) for p, _ in la] == [
+      jax.tree_util.keystr(p) for p, _ in lb
+  ]
+  for (p, x), (_, y) in zip(la, lb):
+    bx, by = _bits(x), _bits(y)
+    assert bx[1] == by[1], jax.tree_util.keystr(p)
+    np.testing.assert_array_equal(bx[0], by[0], err_msg=jax.tree_util.keystr(p))
+
+
+def _trained(where=None, rank=4, alpha=8.0):
+  """A LoRA-wrapped net whose adapters hold non-trivial values."""
+  model = _Net(nnx.Rngs(0))
+  base = nnx.clone(model)
+  surgery.apply_lora(model, rank=rank, alpha=alpha, where=where,
+                     rngs=nnx.Rngs(1))
+  lora = nnx.state(model, nnx.LoRAParam)
+  keys = iter(jax.random.split(jax.random.key(7), 64))
+  nnx.update(model, jax.tree.map(
+      lambda v: 0.1 * jax.random.normal(next(keys), v.shape, v.dtype), lora))
+  return model, base
+
+
+def _x():
+  return jax.random.normal(jax.random.key(3), (5, 64))
+
+
+# --------------------------------------------------------------------------
+# Adapters
+# --------------------------------------------------------------------------
+
+
+def test_adapter_round_trip_is_bit_exact(tmp_path):
+  model, base = _trained()
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base),
+                                   rngs=nnx.Rngs(99))
+  _assert_trees_bit_equal(nnx.state(model, nnx.LoRAParam),
+                          nnx.state(loaded, nnx.LoRAParam))
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+  # the loaded model is the base plus wrappers at the same places
+  assert type(loaded.layers[0]).__name__ == 'LoRALinear'
+  assert type(loaded.proj).__name__ == 'LoRAEinsum'
+  assert float(loaded.proj.lora.scale[...]) == 8.0 / 4
+  assert config['rank'] == 4 and config['alpha'] == 8.0
+
+
+def test_adapter_saves_only_lora_params_and_config(tmp_path):
+  model, _ = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert sorted(os.listdir(tmp_path / 'ad')) == ['adapter_config.json', 'lora']
+  with open(tmp_path / 'ad' / 'adapter_config.json') as f:
+    config = json.load(f)
+  assert config['targets'] == [['layers', 0], ['layers', 1], ['proj']]
+  assert config['method'] == 'none'
+  assert config['rank'] == 4 and config['alpha'] == 8.0
+  assert isinstance(config['version'], str) and config['version']
+  restored = checkpoint.restore_pytree(tmp_path / 'ad' / 'lora')
+  leaves = jax.tree_util.tree_leaves_with_path(restored)
+  names = sorted(jax.tree_util.keystr(p) for p, _ in leaves)
+  # only a/b of each adapter: no base kernels, no biases, no scales
+  assert len(names) == 6
+  assert all(n.endswith("['a']") or n.endswith("['b']") for n in names)
+  n_saved = sum(int(np.prod(x.shape)) for _, x in leaves)
+  n_lora = sum(int(np.prod(v.shape))
+               for v in jax.tree.leaves(nnx.state(model, nnx.LoRAParam)))
+  assert n_saved == n_lora
+
+
+def test_adapter_with_selected_targets(tmp_path):
+  model, base = _trained(where='proj')
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert config['targets'] == [['proj']]
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  assert type(loaded.layers[0]).__name__ == 'Linear'
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+
+
+def test_adapter_on_quantized_base(tmp_path):
+  model = _Net(nnx.Rngs(0))
+  surgery.quantize(model, method='q4_0')
+  base = nnx.clone(model)
+  surgery.apply_lora(model, rank=2, rngs=nnx.Rngs(1))
+  nnx.update(model, jax.tree.map(lambda v: v + 0.05,
+                                 nnx.state(model, nnx.LoRAParam)))
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert config['method'] == 'q4_0'
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+  # a float base does not silently take an adapter trained on q4_0
+  with pytest.raises(ValueError, match="method 'q4_0'"):
+    checkpoint.load_adapter(tmp_path / 'ad', _Net(nnx.Rngs(0)))
+
+
+def _edit_config(path, fn):
+  cfg_path = os.path.join(path, 'adapter_config.json')
+  with open(cfg_path) as f:
+    config = json.load(f)
+  fn(config)
+  with open(cfg_path, 'w') as f:
+    json.dump(config, f)
+
+
+def _no_wrappers(model):
+  return not any(hasattr(m, 'lora') for _, m in nnx.iter_modules(model))
+
+
+def test_load_missing_keys_raises_and_lists_them(tmp_path):
+  model, base = _trained(where='proj')
+  full, _ = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  # the config claims two more targets than the checkpoint holds
+  full_layers = checkpoint.save_adapter(tmp_path / 'full', full)['layers']
+  _edit_config(tmp_path / 'ad', lambda c: c.update(layers=full_layers))
+  fresh = nnx.clone(base)
+  with pytest.raises(ValueError, match='missing keys') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert 'layers/0/lora/a' in str(e.value)
+  assert 'layers/1/lora/b' in str(e.value)
+  assert _no_wrappers(fresh)  # nothing applied on failure
+
+
+def test_load_unexpected_keys_raises_and_lists_them(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  _edit_config(tmp_path / 'ad',
+               lambda c: c.update(layers=[l for l in c['layers']
+                                          if l['path'] == ['proj']]))
+  fresh = nnx.clone(base)
+  with pytest.raises(ValueError, match='unexpected keys') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert 'layers/0/lora/a' in str(e.value)
+  assert 'proj' not in str(e.value).split('unexpected keys')[1].split('\n')[0]
+  assert _no_wrappers(fresh)
+
+
+def test_load_shape_mismatch_raises_and_lists_them(tmp_path):
+  model, _ = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  other = _Net(nnx.Rngs(0), hidden=48)  # layers 0/1 have other shapes
+  with pytest.raises(ValueError, match='shape/dtype mismatches') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', other)
+  msg = str(e.value)
+  assert 'layers/0/lora/b' in msg and '[4, 32]' in msg and '[4, 48]' in msg
+  assert 'layers/1/lora/a' in msg
+  assert _no_wrappers(other)
+
+
+def test_load_missing_target_layer_raises(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  _edit_config(tmp_path / 'ad',
+               lambda c: c['layers'][0].update(path=['nowhere', 3]))
+  with pytest.raises(ValueError, match='nowhere/3: no such layer'):
+    checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+
+
+def test_load_onto_wrapped_model_raises(tmp_path):
+  model, _ = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  with pytest.raises(ValueError, match='already has a LoRA adapter'):
+    checkpoint.load_adapter(tmp_path / 'ad', model)
+
+
+def test_save_errors(tmp_path):
+  model, _ = _trained()
+  with pytest.raises(ValueError, match='no LoRA wrappers'):
+    checkpoint.save_adapter(tmp_path / 'x', _Net(nnx.Rngs(0)))
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  with pytest.raises(ValueError, match='overwrite=True'):
+    checkpoint.save_adapter(tmp_path / 'ad', model)
+  (tmp_path / 'ad' / 'notes.txt').write_text('mine')
+  checkpoint.save_adapter(tmp_path / 'ad', model, overwrite=True)
+  assert (tmp_path / 'ad' / 'notes.txt').read_text() == 'mine'
+  with pytest.raises(ValueError, match='adapter_config.json'):
+    checkpoint.load_adapter(tmp_path / 'nothing', _Net(nnx.Rngs(0)))
+  with pytest.raises(TypeError, match='model'):
+    checkpoint.save_adapter(tmp_path / 'y', {'not': 'a model'})
+
+
+# --------------------------------------------------------------------------
+# Whole quantized NNX models and linen checkpoints
+# --------------------------------------------------------------------------
+
+
+def _quantized(method):
+  model = _Net(nnx.Rngs(0))
+  return surgery.quantize(model, method=method)
+
+
+@pytest.mark.parametrize('method', ['int4', 'q4_0'])
+def test_quantized_model_round_trip_bit_exact(tmp_path, method):
+  model = _quantized(method)
+  checkpoint.save_model(tmp_path / 'm', model)
+  abstract = nnx.eval_shape(lambda: _quantized(method))
+  restored = checkpoint.restore_model(tmp_path / 'm', abstract)
+  _assert_trees_bit_equal(nnx.state(model), nnx.state(restored))
+  np.testing.assert_array_equal(np.asarray(restored(_x())),
+                                np.asarray(model(_x())))
+  weight = restored.layers[0].weight.get_value()
+  expected = {'int4': 'int4', 'q4_0': 'uint8'}[method]
+  assert str(weight.values.dtype) == expected
+
+
+def test_restore_model_is_strict(tmp_path):
+  checkpoint.save_model(tmp_path / 'm', _quantized('int4'))
+  with pytest.raises(ValueError, match='mismatch|missing|unexpected'):
+    checkpoint.restore_model(tmp_path / 'm',
+                             nnx.eval_shape(lambda: _quantized('q4_0')))
+
+
+def _linen_quantized_params():
+  """A linen-style quantized checkpoint dict, built with numpy only."""
+  rng = np.random.default_rng(0)
+  import ml_dtypes  # pylint: disable=g-import-not-at-top
+
+  codes = rng.integers(-8, 8, size=(64, 32)).astype(ml_dtypes.int4)
+  scale = rng.uniform(1, 20, size=(1, 32)).astype(np.float32)
+  q4 = rng.integers(0, 256, size=(32, 2, 18)).astype(np.uint8)
+  d = rng.normal(size=(32, 2)).astype(np.float16)
+  return {
+      'params': {
+          'Dense_0': {'kernel': jnp.asarray(codes), 'scale': jnp.asarray(scale),
+                      'bias': jnp.zeros((32,), jnp.float32)},
+          'Einsum_0': {'kernel': jnp.asarray(q4), 'scale': jnp.asarray(d)},
+      }
+  }
+
+
+def test_linen_quantized_checkpoint_round_trip_bit_exact(tmp_path):
+  params = _linen_quantized_params()
+  checkpoint.save_pytree(tmp_path / 'p', params)
+  # restore against a target (e.g. jax.eval_shape of init) ...
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        params)
+  restored = checkpoint.restore_pytree(tmp_path / 'p', target)
+  _assert_trees_bit_equal(params, restored)
+  assert restored['params']['Dense_0']['kernel'].dtype == jnp.int4
+  # ... and without one: dtypes as saved
+  again = checkpoint.restore_pytree(tmp_path / 'p')
+  _assert_trees_bit_equal(params, again)
+
+
+def test_restore_pytree_strict_errors(tmp_path):
+  params = _linen_quantized_params()
+  checkpoint.save_pytree(tmp_path / 'p', params)
+  target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                        params)
+  target['params']['Dense_0']['kernel'] = jax.ShapeDtypeStruct((64, 16),
+                                                               jnp.int4)
+  del target['params']['Einsum_0']['scale']
+  target['params']['Dense_1'] = {'kernel': jax.ShapeDtypeStruct((2,),
+                                                                jnp.float32)}
+  with pytest.raises(ValueError) as e:
+    checkpoint.restore_pytree(tmp_path / 'p', target)
+  msg = str(e.value)
+  assert 'missing keys' in msg and 'params/Dense_1/kernel' in msg
+  assert 'unexpected keys' in msg and 'params/Einsum_0/scale' in msg
+  assert 'params/Dense_0/kernel: checkpoint int4[64, 32], model int4[64, 16]' in msg
