@@ -474,7 +474,6 @@ def main(argv: tp.Sequence[str] | None = None) -> DemoResult:
   import treescope  # pylint: disable=g-import-not-at-top
   from peft import checkpoint  # pylint: disable=g-import-not-at-top
   from peft.nnx import surgery  # pylint: disable=g-import-not-at-top
-  from peft.nnx import visual  # pylint: disable=g-import-not-at-top
 
   t0 = time.perf_counter()
   out = os.path.abspath(args.out)
@@ -483,7 +482,6 @@ def main(argv: tp.Sequence[str] | None = None) -> DemoResult:
   evals: dict[str, float] = {}
   bpw: dict[str, float] = {}
   params: dict[str, int] = {}
-  visual.install()
 
   corpus = _load_corpus()
   pre_eval = _eval_windows(corpus.pretrain_eval)

@@ -17,8 +17,6 @@ from peft.nnx import quantized
 from peft.nnx import surgery
 from peft.nnx import visual
 
-visual.install()
-
 
 class _Net(nnx.Module):
 
@@ -38,16 +36,15 @@ def _model():
   return model
 
 
-def test_install_attaches_to_all_wrapper_classes():
-  names = visual.install()
+def test_every_wrapper_class_has_its_own_rendering():
   for cls in (lora.LoRALinear, lora.LoRAEinsum, lora.LoRALinearGeneral,
-              lora.LoRALinearAdapter, quantized.Int4Linear,
-              quantized.Int4Einsum, quantized.SimulateQuantizedLinear):
-    assert cls.__name__ in names
-    assert cls.__treescope_repr__.__wrapped__ in (
-        visual.lora_treescope_repr, visual.adapter_treescope_repr,
-        visual.quantized_treescope_repr, visual.simulated_treescope_repr)
-  assert visual.install() == names  # idempotent
+              lora.LoRALinearAdapter, lora.LoRAEinsumAdapter,
+              lora.LoRALinearGeneralAdapter, quantized.Int4Linear,
+              quantized.Int4Einsum, quantized.Int4LinearGeneral,
+              quantized.SimulateQuantizedLinear,
+              quantized.SimulateQuantizedEinsum,
+              quantized.SimulateQuantizedLinearGeneral):
+    assert cls.__treescope_repr__ is not nnx.Module.__treescope_repr__, cls
 
 
 def test_lora_linear_text_header_and_counts():

@@ -187,6 +187,10 @@ def _mesh_of(value):
 class _AdapterBase(nnx.Module):
   """Shared state and math of the three adapters (private)."""
 
+  def __treescope_repr__(self, path, subtree_renderer):
+    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
+    return visual.adapter_treescope_repr(self, path, subtree_renderer)
+
   def _setup(
       self,
       geometry: _Geometry,
@@ -663,6 +667,10 @@ def _split_leading(kernel_shape, n_axes: int, what: str):
 
 class _LoRAWrapper(nnx.Module):
   """Shared construction and forward of the three wrappers (private)."""
+
+  def __treescope_repr__(self, path, subtree_renderer):
+    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
+    return visual.lora_treescope_repr(self, path, subtree_renderer)
 
   def _wrap(self, wrapped, adapter_cls, adapter_args, leading, names, extra,
             kernel_dtype, *, rank, alpha, use_rslora, a_init, b_init, dtype,

@@ -592,6 +592,10 @@ def _geometry_property(name):
 
 
 class _SimulateBase(nnx.Module):
+
+  def __treescope_repr__(self, path, subtree_renderer):
+    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
+    return visual.simulated_treescope_repr(self, path, subtree_renderer)
   _peft_kind: str = ''
 
   def __init__(self, wrapped, *, method=QuantizationMethod.INT4):
@@ -712,6 +716,10 @@ class SimulateQuantizedLinearGeneral(_SimulateBase):
 
 
 class _Int4Base(nnx.Module):
+
+  def __treescope_repr__(self, path, subtree_renderer):
+    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
+    return visual.quantized_treescope_repr(self, path, subtree_renderer)
   _peft_kind: str = ''
 
   def __init__(self, layer, *, method=None):

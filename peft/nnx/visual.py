@@ -10,15 +10,14 @@ LoRA adapters are drawn in a green block labelled *trainable* and their
 `a`/`b` lines are marked as trainable, so they stand out from the frozen
 base layer. Expanding a node shows the usual NNX attributes.
 
-`install()` attaches these renderers (as `__treescope_repr__`) to the classes
-of `peft.nnx.lora` and `peft.nnx.quantized`; it is idempotent. The functions
-are also usable directly as `__treescope_repr__` methods.
+The wrapper classes of `peft.nnx.lora` and `peft.nnx.quantized` use these
+functions as their `__treescope_repr__`; a renderer that fails falls back to
+the default NNX rendering.
 
 Example::
 
   import treescope
   from peft.nnx import surgery, visual
-  visual.install()
   model = surgery.apply_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
   print(treescope.render_to_text(model))
   html = treescope.render_to_html(model)
@@ -39,7 +38,6 @@ __all__ = [
     'adapter_treescope_repr',
     'simulated_treescope_repr',
     'quantized_treescope_repr',
-    'install',
 ]
 
 _TRAINABLE_COLOR = 'oklch(0.88 0.12 145)'   # green: trainable LoRA params
@@ -262,6 +260,22 @@ def _base_note(counts: dict[str, list[int]]) -> str:
 # --------------------------------------------------------------------------
 
 
+def _safe(fn):
+  """Falls back to the default NNX rendering if a custom one fails."""
+
+  def render(self, path, subtree_renderer):
+    try:
+      return fn(self, path, subtree_renderer)
+    except Exception:  # pylint: disable=broad-except
+      return nnx.Module.__treescope_repr__(self, path, subtree_renderer)
+
+  render.__name__ = fn.__name__
+  render.__doc__ = fn.__doc__
+  render.__wrapped__ = fn
+  return render
+
+
+@_safe
 def lora_treescope_repr(self, path, subtree_renderer):
   """`__treescope_repr__` of `LoRALinear` / `LoRAEinsum` / `LoRALinearGeneral`.
 
@@ -287,6 +301,7 @@ def lora_treescope_repr(self, path, subtree_renderer):
                           f'{_fmt_int(c["frozen"][0])}'))
 
 
+@_safe
 def adapter_treescope_repr(self, path, subtree_renderer):
   """`__treescope_repr__` of the LoRA adapters: a green *trainable* block.
 
@@ -313,6 +328,7 @@ def adapter_treescope_repr(self, path, subtree_renderer):
                collapsed=f'trainable {_fmt_int(n)}')
 
 
+@_safe
 def simulated_treescope_repr(self, path, subtree_renderer):
   """`__treescope_repr__` of `SimulateQuantized*`: method and wrapped layer.
 
@@ -332,6 +348,7 @@ def simulated_treescope_repr(self, path, subtree_renderer):
                color=_SIM_COLOR, collapsed='QAT')
 
 
+@_safe
 def quantized_treescope_repr(self, path, subtree_renderer):
   """`__treescope_repr__` of `Int4Linear` / `Int4Einsum` / ...: real bytes.
 
@@ -357,63 +374,3 @@ def quantized_treescope_repr(self, path, subtree_renderer):
   names = _attr_names(self, ('weight', 'bias', 'method'))
   return _node(self, header, note, names, path, subtree_renderer,
                color=_QUANT_COLOR, collapsed=collapsed)
-
-
-def _safe(fn):
-  """Falls back to the default NNX rendering if a custom one fails."""
-
-  def render(self, path, subtree_renderer):
-    try:
-      return fn(self, path, subtree_renderer)
-    except Exception:  # pylint: disable=broad-except
-      return nnx.Module.__treescope_repr__(self, path, subtree_renderer)
-
-  render.__name__ = fn.__name__
-  render.__doc__ = fn.__doc__
-  render.__wrapped__ = fn
-  return render
-
-
-_INSTALL = {
-    'peft.nnx.lora': {
-        lora_treescope_repr: ('LoRALinear', 'LoRAEinsum', 'LoRALinearGeneral'),
-        adapter_treescope_repr: ('LoRALinearAdapter', 'LoRAEinsumAdapter',
-                                 'LoRALinearGeneralAdapter'),
-    },
-    'peft.nnx.quantized': {
-        simulated_treescope_repr: ('SimulateQuantizedLinear',
-                                   'SimulateQuantizedEinsum',
-                                   'SimulateQuantizedLinearGeneral'),
-        quantized_treescope_repr: ('Int4Linear', 'Int4Einsum',
-                                   'Int4LinearGeneral'),
-    },
-}
-
-
-def install() -> list[str]:
-  """Attaches the renderers to the peft NNX classes; returns the class names.
-
-  Idempotent; classes that do not exist (a module not importable) are
-  skipped. A renderer that fails falls back to the default NNX rendering.
-
-  Example::
-
-    from peft.nnx import visual
-    visual.install()   # ['LoRALinear', 'LoRAEinsum', ...]
-  """
-  import importlib  # pylint: disable=g-import-not-at-top
-
-  done = []
-  for module_name, table in _INSTALL.items():
-    try:
-      module = importlib.import_module(module_name)
-    except ImportError:
-      continue
-    for fn, class_names in table.items():
-      for class_name in class_names:
-        cls = getattr(module, class_name, None)
-        if cls is None:
-          continue
-        cls.__treescope_repr__ = _safe(fn)
-        done.append(class_name)
-  return done
