@@ -4,14 +4,13 @@ The top level is the linen API of the original `gemma.peft` document (LoRA and
 quantization wrappers for `flax.linen`, `ModuleInterceptor`, params-tree
 surgery) plus the framework-free functions. The NNX-first API is `peft.nnx`.
 
-Example:
-
->>> import peft
->>> peft.QuantizationMethod('INT4')
-<QuantizationMethod.INT4: 'int4'>
->>> original, lora = peft.split_params({'d': {'kernel': 0, 'lora': {'a': 1, 'b': 2}}})
->>> original, lora
-({'d': {'kernel': 0}}, {'d': {'lora': {'a': 1, 'b': 2}}})
+Examples:
+  >>> import peft
+  >>> peft.QuantizationMethod('INT4')
+  <QuantizationMethod.INT4: 'int4'>
+  >>> original, lora = peft.split_params({'d': {'kernel': 0, 'lora': {'a': 1, 'b': 2}}})
+  >>> original, lora
+  ({'d': {'kernel': 0}}, {'d': {'lora': {'a': 1, 'b': 2}}})
 """
 
 __version__ = '0.1.0'

@@ -18,14 +18,17 @@
 Keys are structured paths (tuples of attribute names and list indices, as
 `nnx.State` and `jax.tree_util` give them), never built by editing names.
 
-Example::
+Example:
 
-  from peft import checkpoint
-  from peft.nnx import surgery
-  surgery.apply_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
-  ...  # fine-tune
-  checkpoint.save_adapter('/tmp/run/adapter', model)
-  fresh = checkpoint.load_adapter('/tmp/run/adapter', make_base_model())
+```python
+from peft import checkpoint
+from peft.nnx import surgery
+surgery.apply_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
+...  # fine-tune
+checkpoint.save_adapter('/tmp/run/adapter', model)
+fresh = checkpoint.load_adapter('/tmp/run/adapter', make_base_model())
+```
+
 """
 
 from __future__ import annotations
@@ -200,10 +203,13 @@ def save_pytree(directory: Any, tree: Any, *, overwrite: bool = False) -> str:
   Works for any dtype orbax knows, including `jnp.int4` (a linen checkpoint
   from `quantize_checkpoint` keeps its int4 kernels and float scales exactly).
 
-  Example::
+  Example:
 
-    path = save_pytree('/tmp/params', {'Dense_0': {'kernel': k, 'scale': s}})
-    params = restore_pytree(path)
+  ```python
+  path = save_pytree('/tmp/params', {'Dense_0': {'kernel': k, 'scale': s}})
+  params = restore_pytree(path)
+  ```
+
   """
   directory = _abs(directory)
   _write(directory, tree, overwrite)
@@ -218,9 +224,12 @@ def restore_pytree(directory: Any, target: Any = None) -> Any:
   a `ValueError` listing them. Without `target` the tree is restored as saved
   (dict keys come back as strings, dtypes as saved).
 
-  Example::
+  Example:
 
-    params = restore_pytree('/tmp/params', target=jax.eval_shape(init_fn))
+  ```python
+  params = restore_pytree('/tmp/params', target=jax.eval_shape(init_fn))
+  ```
+
   """
   directory = _abs(directory)
   if target is None:
@@ -242,12 +251,15 @@ def save_model(directory: Any, model: nnx.Module, *, overwrite: bool = False
   weights (int4 values, packed Q4_0 blocks and their scales) are saved as they
   are stored, so the round trip is bit-exact.
 
-  Example::
+  Example:
 
-    save_model('/tmp/q4', surgery.quantize(model, method='q4_0'))
-    abstract = nnx.eval_shape(lambda: surgery.quantize(make_model(),
-                                                       method='q4_0'))
-    model = restore_model('/tmp/q4', abstract)
+  ```python
+  save_model('/tmp/q4', surgery.quantize(model, method='q4_0'))
+  abstract = nnx.eval_shape(lambda: surgery.quantize(make_model(),
+                                                     method='q4_0'))
+  model = restore_model('/tmp/q4', abstract)
+  ```
+
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
@@ -262,10 +274,13 @@ def restore_model(directory: Any, model: nnx.Module) -> nnx.Module:
   after the same surgery. Returns a new concrete model; `model` itself is not
   changed. Strict: differing keys, shapes or dtypes raise `ValueError`.
 
-  Example::
+  Example:
 
-    abstract = nnx.eval_shape(lambda: make_model())
-    model = restore_model('/tmp/ckpt', abstract)
+  ```python
+  abstract = nnx.eval_shape(lambda: make_model())
+  model = restore_model('/tmp/ckpt', abstract)
+  ```
+
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
@@ -310,10 +325,13 @@ def _wrappers(model: Any) -> list[tuple[Path, Any]]:
 def adapter_targets(model: nnx.Module) -> list[Path]:
   """Paths (tuples of keys) of the LoRA-wrapped layers of `model`.
 
-  Example::
+  Example:
 
-    surgery.apply_lora(model, rank=2, where='up', rngs=nnx.Rngs(0))
-    adapter_targets(model)   # [('up',)]
+  ```python
+  surgery.apply_lora(model, rank=2, where='up', rngs=nnx.Rngs(0))
+  adapter_targets(model)   # [('up',)]
+  ```
+
   """
   return sorted((p for p, _ in _wrappers(model)), key=_norm)
 
@@ -346,10 +364,13 @@ def save_adapter(
   only those two entries; other files in `directory` are kept). Returns the
   config dict.
 
-  Example::
+  Example:
 
-    config = save_adapter('/tmp/run/adapter', model)
-    config['rank'], config['targets'][0]   # 8, ['blocks', 0, 'attn', 'q']
+  ```python
+  config = save_adapter('/tmp/run/adapter', model)
+  config['rank'], config['targets'][0]   # 8, ['blocks', 0, 'attn', 'q']
+  ```
+
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
@@ -422,9 +443,12 @@ def save_adapter(
 def read_adapter_config(directory: Any) -> dict[str, Any]:
   """Reads `adapter_config.json` of an adapter saved by `save_adapter`.
 
-  Example::
+  Example:
 
-    read_adapter_config('/tmp/run/adapter')['targets']
+  ```python
+  read_adapter_config('/tmp/run/adapter')['targets']
+  ```
+
   """
   path = os.path.join(_abs(directory), ADAPTER_CONFIG)
   if not os.path.isfile(path):
@@ -491,9 +515,12 @@ def load_adapter(
   only seeds the (overwritten) initial values; default `nnx.Rngs(0)`.
   Returns `base_model`.
 
-  Example::
+  Example:
 
-    model = load_adapter('/tmp/run/adapter', make_base_model())
+  ```python
+  model = load_adapter('/tmp/run/adapter', make_base_model())
+  ```
+
   """
   if not isinstance(base_model, nnx.Module):
     raise TypeError(

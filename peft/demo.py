@@ -18,11 +18,14 @@ local (no downloads) and deterministic for a given ``--seed``:
 7. write a loss-curve PNG (matplotlib) and a treescope HTML page of the
    LoRA-wrapped model, and print where each file went.
 
-Example::
+Example:
 
-  from peft import demo
-  result = demo.main(['--steps', '20', '--out', '/tmp/peft_demo'])
-  result.eval_loss['lora'], result.files
+```python
+from peft import demo
+result = demo.main(['--steps', '20', '--out', '/tmp/peft_demo'])
+result.eval_loss['lora'], result.files
+```
+
 """
 
 from __future__ import annotations
@@ -167,10 +170,13 @@ class TinyTransformer(nnx.Module):
   layer are ``nnx.Linear``; every kernel axis is a multiple of 32 so all of
   them can be stored as Q4_0.
 
-  Example::
+  Example:
 
-    model = TinyTransformer(vocab_size=96, rngs=nnx.Rngs(0))
-    logits = model(jnp.zeros((1, 16), jnp.int32))   # (1, 16, 96)
+  ```python
+  model = TinyTransformer(vocab_size=96, rngs=nnx.Rngs(0))
+  logits = model(jnp.zeros((1, 16), jnp.int32))   # (1, 16, 96)
+  ```
+
   """
 
   def __init__(
@@ -414,10 +420,13 @@ def _page(block: str, model: str) -> str:
 class DemoResult:
   """Numbers and file paths produced by :func:`main` (for tests and scripts).
 
-  Example::
+  Example:
 
-    result = demo.main(['--steps', '10', '--out', '/tmp/d'])
-    print(result.eval_loss['lora'], result.files['adapter'])
+  ```python
+  result = demo.main(['--steps', '10', '--out', '/tmp/d'])
+  print(result.eval_loss['lora'], result.files['adapter'])
+  ```
+
   """
 
   eval_loss: dict[str, float]
@@ -459,10 +468,13 @@ def _parse(argv):
 def main(argv: tp.Sequence[str] | None = None) -> DemoResult:
   """Runs the demo; ``argv`` as on the command line (``None``: ``sys.argv``).
 
-  Example::
+  Example:
 
-    from peft import demo
-    result = demo.main(['--steps', '5', '--out', '/tmp/peft_demo'])
+  ```python
+  from peft import demo
+  result = demo.main(['--steps', '5', '--out', '/tmp/peft_demo'])
+  ```
+
   """
   args = _parse(argv)
   missing = [m for m in ('optax', 'orbax.checkpoint')

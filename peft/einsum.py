@@ -8,12 +8,11 @@ two small factors, so the adapter computes `einsum(inputs, a, b)` with
   rank axis;
 * `b`: the weight's batch axes, then the rank axis, then its output axes.
 
-Example:
-
->>> from peft import einsum
->>> d = einsum.lora_einsum('bi,imn->bmn', (4, 2, 3), rank=5)
->>> d.lora_str, d.a_shape, d.b_shape
-('bi,ir,rmn->bmn', (4, 5), (5, 2, 3))
+Examples:
+  >>> from peft import einsum
+  >>> d = einsum.lora_einsum('bi,imn->bmn', (4, 2, 3), rank=5)
+  >>> d.lora_str, d.a_shape, d.b_shape
+  ('bi,ir,rmn->bmn', (4, 5), (5, 2, 3))
 """
 
 from __future__ import annotations
@@ -73,10 +72,9 @@ def _strip_ellipsis(subscripts: str) -> str:
 def parse_einsum_str(einsum_str: str) -> EinsumParts:
   """Splits and validates `'inputs,weights->outputs'`.
 
-  Example:
-
-  >>> parse_einsum_str('bi,io->bo')
-  EinsumParts(inputs='bi', weights='io', outputs='bo')
+  Examples:
+    >>> parse_einsum_str('bi,io->bo')
+    EinsumParts(inputs='bi', weights='io', outputs='bo')
 
   Args:
     einsum_str: a two-operand einsum string with an explicit output.
@@ -170,12 +168,11 @@ def reduced_weight_axes(einsum_str: str) -> tuple[int, ...]:
 
   Per-channel quantization scales reduce over these axes.
 
-  Example:
-
-  >>> reduced_weight_axes('bi,imn->bmn')
-  (0,)
-  >>> reduced_weight_axes('ebd,edf->ebf')
-  (1,)
+  Examples:
+    >>> reduced_weight_axes('bi,imn->bmn')
+    (0,)
+    >>> reduced_weight_axes('ebd,edf->ebf')
+    (1,)
   """
   parts = parse_einsum_str(einsum_str)
   _, reduced, _ = _axis_roles(parts)
@@ -211,11 +208,10 @@ def lora_einsum(
 
   The rank axis is called `r`, or the first free letter when `r` is taken.
 
-  Example:
-
-  >>> d = lora_einsum('ebd,edf->ebf', (8, 16, 32), rank=4)
-  >>> d.lora_str, d.a_shape, d.b_shape, d.delta_str
-  ('ebd,edr,erf->ebf', (8, 16, 4), (8, 4, 32), 'edr,erf->edf')
+  Examples:
+    >>> d = lora_einsum('ebd,edf->ebf', (8, 16, 32), rank=4)
+    >>> d.lora_str, d.a_shape, d.b_shape, d.delta_str
+    ('ebd,edr,erf->ebf', (8, 16, 4), (8, 4, 32), 'edr,erf->edf')
 
   Args:
     einsum_str: the wrapped layer's einsum string.

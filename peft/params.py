@@ -259,13 +259,15 @@ def split_params(params: Params) -> tuple[Params, Params]:
   absent from the original tree); empty branches of the input stay on the
   original side, so ``merge_params(*split_params(p)) == p``.
 
-  Example::
+  Example:
 
-    params = {'dense': {'kernel': 0, 'bias': 1, 'lora': {'a': 0, 'b': 1}},
-              'other': 0}
-    original, lora = split_params(params)
-    # original == {'dense': {'kernel': 0, 'bias': 1}, 'other': 0}
-    # lora == {'dense': {'lora': {'a': 0, 'b': 1}}}
+  ```python
+  params = {'dense': {'kernel': 0, 'bias': 1, 'lora': {'a': 0, 'b': 1}},
+            'other': 0}
+  original, lora = split_params(params)
+  # original == {'dense': {'kernel': 0, 'bias': 1}, 'other': 0}
+  # lora == {'dense': {'lora': {'a': 0, 'b': 1}}}
+  ```
 
   Args:
     params: nested mapping (``dict``, ``FrozenDict``, ...) with any leaves.
@@ -285,10 +287,12 @@ def split_params(params: Params) -> tuple[Params, Params]:
 def merge_params(original: Params, lora: Params) -> Params:
   """Merges two params trees into one; the inverse of `split_params`.
 
-  Example::
+  Example:
 
-    merge_params({'dense': {'kernel': 0}}, {'dense': {'lora': {'a': 0}}})
-    # == {'dense': {'kernel': 0, 'lora': {'a': 0}}}
+  ```python
+  merge_params({'dense': {'kernel': 0}}, {'dense': {'lora': {'a': 0}}})
+  # == {'dense': {'kernel': 0, 'lora': {'a': 0}}}
+  ```
 
   Args:
     original: nested mapping, e.g. the first tree returned by `split_params`.
@@ -316,11 +320,13 @@ def fuse_params(params: Params, *, scale: float = 1.0) -> Params:
   whose weight string lists batch, reduced, then output axes). The product and
   the sum are computed in float32 and cast once to the kernel's dtype.
 
-  Example::
+  Example:
 
-    params = {'dense': {'kernel': jnp.zeros((4, 3)),
-                        'lora': {'a': jnp.ones((4, 2)), 'b': jnp.ones((2, 3))}}}
-    fuse_params(params)  # {'dense': {'kernel': 2 * jnp.ones((4, 3))}}
+  ```python
+  params = {'dense': {'kernel': jnp.zeros((4, 3)),
+                      'lora': {'a': jnp.ones((4, 2)), 'b': jnp.ones((2, 3))}}}
+  fuse_params(params)  # {'dense': {'kernel': 2 * jnp.ones((4, 3))}}
+  ```
 
   Args:
     params: params tree holding at least one ``'lora'`` branch.
@@ -353,11 +359,13 @@ def unfuse_params(fused: Params, lora: Params, *, scale: float = 1.0) -> Params:
   ``kernel - scale * (a @ b)`` (float32, cast once to the kernel's dtype) and
   the ``'lora'`` branches are put back.
 
-  Example::
+  Example:
 
-    params = {'dense': {'kernel': k, 'lora': {'a': a, 'b': b}}}
-    _, lora = split_params(params)
-    unfuse_params(fuse_params(params), lora)  # ~= params
+  ```python
+  params = {'dense': {'kernel': k, 'lora': {'a': a, 'b': b}}}
+  _, lora = split_params(params)
+  unfuse_params(fuse_params(params), lora)  # ~= params
+  ```
 
   Args:
     fused: params returned by `fuse_params`.

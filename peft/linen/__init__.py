@@ -6,14 +6,13 @@ LoRA wrappers and adapters (`LoRADense`, `LoRAEinsum`, `LoRADenseGeneral`,
 interception (`Interceptor`, `ModuleInterceptor`). `import peft` re-exports
 all of them.
 
-Example:
-
->>> import flax.linen as nn, jax, jax.numpy as jnp
->>> from peft import linen as peft_linen
->>> layer = peft_linen.LoRADense(rank=2, wrapped=nn.Dense(3))
->>> params = layer.init(jax.random.key(0), jnp.ones((1, 4)))['params']
->>> sorted(params)
-['bias', 'kernel', 'lora']
+Examples:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> from peft import linen as peft_linen
+  >>> layer = peft_linen.LoRADense(rank=2, wrapped=nn.Dense(3))
+  >>> params = layer.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+  >>> sorted(params)
+  ['bias', 'kernel', 'lora']
 """
 
 from peft.linen.interceptor import Interceptor

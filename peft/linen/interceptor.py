@@ -72,21 +72,20 @@ class Interceptor(abc.ABC):
   entered again, nested, from several threads or from asyncio tasks: which
   blocks are open is tracked in `contextvars`.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> class CountCalls(peft.Interceptor):
-  ...   def __init__(self):
-  ...     self.names = []
-  ...   def interceptor(self, next_fun, args, kwargs, context):
-  ...     self.names.append(type(context.module).__name__)
-  ...     return next_fun(*args, **kwargs)
-  >>> counter = CountCalls()
-  >>> with counter:
-  ...   _ = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))
-  >>> counter.names
-  ['Dense']
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> class CountCalls(peft.Interceptor):
+    ...   def __init__(self):
+    ...     self.names = []
+    ...   def interceptor(self, next_fun, args, kwargs, context):
+    ...     self.names.append(type(context.module).__name__)
+    ...     return next_fun(*args, **kwargs)
+    >>> counter = CountCalls()
+    >>> with counter:
+    ...   _ = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))
+    >>> counter.names
+    ['Dense']
   """
 
   @abc.abstractmethod
@@ -192,21 +191,20 @@ class ModuleInterceptor(Interceptor):
   * the root module given to `init`/`apply` cannot be replaced (ValueError):
     wrap it directly instead.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> def _replace_dense_by_lora(module):
-  ...   if isinstance(module, nn.Dense):
-  ...     return peft.LoRADense(rank=3, wrapped=module)
-  ...   return module
-  >>> model = nn.Sequential([nn.Dense(4), nn.Dense(2)])
-  >>> x = jnp.ones((1, 5))
-  >>> with peft.ModuleInterceptor(_replace_dense_by_lora):
-  ...   params = model.init(jax.random.key(0), x)['params']
-  ...   y = model.apply({'params': params}, x)
-  >>> params['layers_0']['lora']['a'].shape
-  (5, 3)
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> def _replace_dense_by_lora(module):
+    ...   if isinstance(module, nn.Dense):
+    ...     return peft.LoRADense(rank=3, wrapped=module)
+    ...   return module
+    >>> model = nn.Sequential([nn.Dense(4), nn.Dense(2)])
+    >>> x = jnp.ones((1, 5))
+    >>> with peft.ModuleInterceptor(_replace_dense_by_lora):
+    ...   params = model.init(jax.random.key(0), x)['params']
+    ...   y = model.apply({'params': params}, x)
+    >>> params['layers_0']['lora']['a'].shape
+    (5, 3)
 
   Attributes:
     replace_module_fn: `module -> module`; return the module itself to keep

@@ -10,17 +10,16 @@ and `nn.share_scope`, so the parameter layout is the document's:
 all in the `params` collection. The LoRA scale (`alpha / rank`) is a constant
 rebuilt from the constructor arguments; it is not stored in the variables.
 
-Example:
-
->>> import flax.linen as nn, jax, jax.numpy as jnp
->>> import peft
->>> class MyModel(nn.Module):
-...   @nn.compact
-...   def __call__(self, x):
-...     return peft.LoRADense(rank=3, wrapped=nn.Dense(10))(x)
->>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
->>> jax.tree.map(jnp.shape, params['Dense_0']['lora'])
-{'a': (4, 3), 'b': (3, 10)}
+Examples:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> class MyModel(nn.Module):
+  ...   @nn.compact
+  ...   def __call__(self, x):
+  ...     return peft.LoRADense(rank=3, wrapped=nn.Dense(10))(x)
+  >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
+  >>> jax.tree.map(jnp.shape, params['Dense_0']['lora'])
+  {'a': (4, 3), 'b': (3, 10)}
 """
 
 from __future__ import annotations
@@ -183,19 +182,18 @@ class LoRADenseAdapter(nn.Module):
   use `LoRADense`). `features` is required: the document's
   `LoRADenseAdapter(rank=3)` cannot know the output size.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> class MyModel(nn.Module):
-  ...   @nn.compact
-  ...   def __call__(self, x):
-  ...     dense = nn.Dense(10)
-  ...     lora = peft.LoRADenseAdapter(rank=3, features=10)
-  ...     return dense(x) + lora(x)
-  >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
-  >>> jax.tree.map(jnp.shape, params['LoRADenseAdapter_0'])
-  {'a': (4, 3), 'b': (3, 10)}
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> class MyModel(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     dense = nn.Dense(10)
+    ...     lora = peft.LoRADenseAdapter(rank=3, features=10)
+    ...     return dense(x) + lora(x)
+    >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> jax.tree.map(jnp.shape, params['LoRADenseAdapter_0'])
+    {'a': (4, 3), 'b': (3, 10)}
 
   Attributes:
     rank: LoRA rank, a positive int.
@@ -233,15 +231,14 @@ class LoRAEinsumAdapter(nn.Module):
   (`peft.einsum.lora_einsum`): `a` holds the weight's batch and contracted
   axes plus the rank, `b` the batch axes, the rank and the output axes.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> ad = peft.LoRAEinsumAdapter(rank=2, einsum_str='bi,imn->bmn',
-  ...                             shape=(4, 2, 3))
-  >>> params = ad.init(jax.random.key(0), jnp.ones((5, 4)))['params']
-  >>> jax.tree.map(jnp.shape, params)
-  {'a': (4, 2), 'b': (2, 2, 3)}
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> ad = peft.LoRAEinsumAdapter(rank=2, einsum_str='bi,imn->bmn',
+    ...                             shape=(4, 2, 3))
+    >>> params = ad.init(jax.random.key(0), jnp.ones((5, 4)))['params']
+    >>> jax.tree.map(jnp.shape, params)
+    {'a': (4, 2), 'b': (2, 2, 3)}
 
   Attributes:
     rank: LoRA rank, a positive int.
@@ -295,14 +292,13 @@ class LoRADenseGeneralAdapter(nn.Module):
   `O` (the `nn.DenseGeneral` kernel is `(*B, *I, *O)`), `a` is `(*B, *I, rank)`
   and `b` `(*B, rank, *O)`; the output layout is `nn.DenseGeneral`'s.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> ad = peft.LoRADenseGeneralAdapter(rank=2, features=(2, 3), axis=-1)
-  >>> y, v = ad.init_with_output(jax.random.key(0), jnp.ones((5, 4)))
-  >>> y.shape, jax.tree.map(jnp.shape, v['params'])
-  ((5, 2, 3), {'a': (4, 2), 'b': (2, 2, 3)})
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> ad = peft.LoRADenseGeneralAdapter(rank=2, features=(2, 3), axis=-1)
+    >>> y, v = ad.init_with_output(jax.random.key(0), jnp.ones((5, 4)))
+    >>> y.shape, jax.tree.map(jnp.shape, v['params'])
+    ((5, 2, 3), {'a': (4, 2), 'b': (2, 2, 3)})
 
   Attributes:
     rank: LoRA rank, a positive int.
@@ -357,18 +353,17 @@ class LoRADense(_LoRAWrapper):
   `{'kernel', 'bias', 'lora': {'a': [in, rank], 'b': [rank, features]}}`.
   `b` starts at zero, so a fresh wrapper does not change the output.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> class MyModel(nn.Module):
-  ...   @nn.compact
-  ...   def __call__(self, x):
-  ...     layer = peft.LoRADense(rank=3, wrapped=nn.Dense(10))
-  ...     return layer(x)
-  >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
-  >>> sorted(params['Dense_0']), sorted(params['Dense_0']['lora'])
-  (['bias', 'kernel', 'lora'], ['a', 'b'])
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> class MyModel(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     layer = peft.LoRADense(rank=3, wrapped=nn.Dense(10))
+    ...     return layer(x)
+    >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 4)))['params']
+    >>> sorted(params['Dense_0']), sorted(params['Dense_0']['lora'])
+    (['bias', 'kernel', 'lora'], ['a', 'b'])
 
   Attributes:
     rank: LoRA rank, a positive int.
@@ -412,17 +407,16 @@ class LoRAEinsum(_LoRAWrapper):
   The wrapped `Einsum_0` holds `{'kernel', 'lora': {'a', 'b'}}` (plus `bias`
   when used); see `LoRAEinsumAdapter` for the factor shapes.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> layer = peft.LoRAEinsum(
-  ...     rank=2,
-  ...     wrapped=nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn'),
-  ... )
-  >>> params = layer.init(jax.random.key(0), jnp.ones((5, 4)))['params']
-  >>> jax.tree.map(jnp.shape, params['lora'])
-  {'a': (4, 2), 'b': (2, 2, 3)}
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> layer = peft.LoRAEinsum(
+    ...     rank=2,
+    ...     wrapped=nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn'),
+    ... )
+    >>> params = layer.init(jax.random.key(0), jnp.ones((5, 4)))['params']
+    >>> jax.tree.map(jnp.shape, params['lora'])
+    {'a': (4, 2), 'b': (2, 2, 3)}
 
   Attributes:
     rank: LoRA rank, a positive int.
@@ -470,15 +464,14 @@ class LoRADenseGeneral(_LoRAWrapper):
   The wrapped `DenseGeneral_0` holds `{'kernel', 'bias', 'lora': {'a', 'b'}}`
   with `a: (*batch, *in, rank)` and `b: (*batch, rank, *features)`.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> layer = peft.LoRADenseGeneral(
-  ...     rank=2, wrapped=nn.DenseGeneral(features=(2, 3)))
-  >>> params = layer.init(jax.random.key(0), jnp.ones((5, 4)))['params']
-  >>> jax.tree.map(jnp.shape, params['lora'])
-  {'a': (4, 2), 'b': (2, 2, 3)}
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> layer = peft.LoRADenseGeneral(
+    ...     rank=2, wrapped=nn.DenseGeneral(features=(2, 3)))
+    >>> params = layer.init(jax.random.key(0), jnp.ones((5, 4)))['params']
+    >>> jax.tree.map(jnp.shape, params['lora'])
+    {'a': (4, 2), 'b': (2, 2, 3)}
 
   Attributes:
     rank: LoRA rank, a positive int.

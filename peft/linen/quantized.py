@@ -15,19 +15,18 @@ modules `peft.nnx.quantized.SimulateQuantizedLinear/Einsum` and
 around the linen params (the NNX module is a cheap view; under `jax.jit` only
 its computation remains). The codec is `peft.quantization.quantize`.
 
-Example:
-
->>> import flax.linen as nn, jax, jax.numpy as jnp
->>> import peft
->>> dense = nn.Dense(32)
->>> x = jnp.ones((2, 64))
->>> params = dense.init(jax.random.key(0), x)['params']
->>> params_q = peft.quantize_checkpoint(params, method='int4')
->>> params_q['kernel'].dtype, params_q['scale'].shape
-(dtype(int4), (1, 32))
->>> layer = peft.Int4Dense(wrapped=nn.Dense(32))
->>> layer.apply({'params': params_q}, x).shape
-(2, 32)
+Examples:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> import peft
+  >>> dense = nn.Dense(32)
+  >>> x = jnp.ones((2, 64))
+  >>> params = dense.init(jax.random.key(0), x)['params']
+  >>> params_q = peft.quantize_checkpoint(params, method='int4')
+  >>> params_q['kernel'].dtype, params_q['scale'].shape
+  (dtype(int4), (1, 32))
+  >>> layer = peft.Int4Dense(wrapped=nn.Dense(32))
+  >>> layer.apply({'params': params_q}, x).shape
+  (2, 32)
 """
 
 from __future__ import annotations
@@ -150,14 +149,13 @@ def quantize_checkpoint(
   modified. A boxed kernel (`nn.Partitioned`) is unboxed first (the quantized
   leaves are plain arrays). `Int4Dense` / `Int4Einsum` read the result.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> import peft
-  >>> params = {'dense': {'kernel': jnp.ones((64, 32)), 'bias': jnp.zeros(32)}}
-  >>> q = peft.quantize_checkpoint(params, method=peft.QuantizationMethod.Q4_0)
-  >>> q['dense']['kernel'].shape, q['dense']['scale'].dtype
-  ((64, 1, 16), dtype('float16'))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import peft
+    >>> params = {'dense': {'kernel': jnp.ones((64, 32)), 'bias': jnp.zeros(32)}}
+    >>> q = peft.quantize_checkpoint(params, method=peft.QuantizationMethod.Q4_0)
+    >>> q['dense']['kernel'].shape, q['dense']['scale'].dtype
+    ((64, 1, 16), dtype('float16'))
 
   Args:
     params: nested mapping of params (e.g. `model.init(...)['params']`).
@@ -375,19 +373,18 @@ class SimulateQuantizedDense(_QuantizedWrapper):
   `simulate_quantize(kernel, method)`, per output channel for INT4 / INT8);
   the gradient passes straight through to the float kernel.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> class MyModel(nn.Module):
-  ...   @nn.compact
-  ...   def __call__(self, x):
-  ...     layer = peft.SimulateQuantizedDense(
-  ...         wrapped=nn.Dense(32), method=peft.QuantizationMethod.Q4_0)
-  ...     return layer(x)
-  >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 8)))['params']
-  >>> jax.tree.map(jnp.shape, params)
-  {'Dense_0': {'bias': (32,), 'kernel': (8, 32)}}
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> class MyModel(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     layer = peft.SimulateQuantizedDense(
+    ...         wrapped=nn.Dense(32), method=peft.QuantizationMethod.Q4_0)
+    ...     return layer(x)
+    >>> params = MyModel().init(jax.random.key(0), jnp.ones((1, 8)))['params']
+    >>> jax.tree.map(jnp.shape, params)
+    {'Dense_0': {'bias': (32,), 'kernel': (8, 32)}}
 
   Attributes:
     wrapped: the `nn.Dense`.
@@ -422,16 +419,15 @@ class SimulateQuantizedEinsum(_QuantizedWrapper):
   axes (`peft.einsum.reduced_weight_axes`). Forward:
   `peft.nnx.quantized.SimulateQuantizedEinsum`.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> layer = peft.SimulateQuantizedEinsum(
-  ...     wrapped=nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn'),
-  ...     method='int4')
-  >>> y, v = layer.init_with_output(jax.random.key(0), jnp.ones((5, 4)))
-  >>> y.shape, jax.tree.map(jnp.shape, v['params'])
-  ((5, 2, 3), {'bias': (2, 3), 'kernel': (4, 2, 3)})
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> layer = peft.SimulateQuantizedEinsum(
+    ...     wrapped=nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn'),
+    ...     method='int4')
+    >>> y, v = layer.init_with_output(jax.random.key(0), jnp.ones((5, 4)))
+    >>> y.shape, jax.tree.map(jnp.shape, v['params'])
+    ((5, 2, 3), {'bias': (2, 3), 'kernel': (4, 2, 3)})
 
   Attributes:
     wrapped: the `nn.Einsum`.
@@ -472,21 +468,20 @@ class Int4Dense(_QuantizedWrapper):
   float32 rounding). `init` gives the quantized form of the wrapped layer's
   own initialisation.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> class MyModel(nn.Module):
-  ...   @nn.compact
-  ...   def __call__(self, x):
-  ...     layer = peft.Int4Dense(
-  ...         wrapped=nn.Dense(32), method=peft.QuantizationMethod.Q4_0)
-  ...     return layer(x)
-  >>> x = jnp.ones((1, 8))
-  >>> params = nn.Dense(32).init(jax.random.key(0), x)['params']
-  >>> params_q = peft.quantize_checkpoint(params, method='q4_0')
-  >>> MyModel().apply({'params': {'Dense_0': params_q}}, x).shape
-  (1, 32)
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> class MyModel(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     layer = peft.Int4Dense(
+    ...         wrapped=nn.Dense(32), method=peft.QuantizationMethod.Q4_0)
+    ...     return layer(x)
+    >>> x = jnp.ones((1, 8))
+    >>> params = nn.Dense(32).init(jax.random.key(0), x)['params']
+    >>> params_q = peft.quantize_checkpoint(params, method='q4_0')
+    >>> MyModel().apply({'params': {'Dense_0': params_q}}, x).shape
+    (1, 32)
 
   Attributes:
     wrapped: the `nn.Dense`.
@@ -531,17 +526,16 @@ class Int4Einsum(_QuantizedWrapper):
   `'ebd,edf->ebf'` with batch axes aside) the output equals
   `SimulateQuantizedEinsum`; other scale layouts are dequantized as stored.
 
-  Example:
-
-  >>> import flax.linen as nn, jax, jax.numpy as jnp
-  >>> import peft
-  >>> einsum = nn.Einsum(shape=(64, 32), einsum_str='bd,df->bf')
-  >>> x = jnp.ones((2, 64))
-  >>> params_q = peft.quantize_checkpoint(
-  ...     einsum.init(jax.random.key(0), x)['params'], method='int4')
-  >>> layer = peft.Int4Einsum(wrapped=einsum)
-  >>> layer.apply({'params': params_q}, x).shape
-  (2, 32)
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> import peft
+    >>> einsum = nn.Einsum(shape=(64, 32), einsum_str='bd,df->bf')
+    >>> x = jnp.ones((2, 64))
+    >>> params_q = peft.quantize_checkpoint(
+    ...     einsum.init(jax.random.key(0), x)['params'], method='int4')
+    >>> layer = peft.Int4Einsum(wrapped=einsum)
+    >>> layer.apply({'params': params_q}, x).shape
+    (2, 32)
 
   Attributes:
     wrapped: the `nn.Einsum`.

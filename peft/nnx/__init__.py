@@ -1,17 +1,16 @@
 """The NNX-first API: LoRA and quantization modules, and graph surgery.
 
-Example:
-
->>> import jax.numpy as jnp
->>> from flax import nnx
->>> import peft.nnx as pnnx
->>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)),
-...                        nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
->>> model = pnnx.apply_lora(model, rank=2, rngs=nnx.Rngs(2))
->>> [type(layer).__name__ for layer in model.layers]
-['LoRALinear', 'LoRALinear']
->>> model(jnp.ones((1, 8))).shape
-(1, 4)
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> import peft.nnx as pnnx
+  >>> model = nnx.Sequential(nnx.Linear(8, 16, rngs=nnx.Rngs(0)),
+  ...                        nnx.Linear(16, 4, rngs=nnx.Rngs(1)))
+  >>> model = pnnx.apply_lora(model, rank=2, rngs=nnx.Rngs(2))
+  >>> [type(layer).__name__ for layer in model.layers]
+  ['LoRALinear', 'LoRALinear']
+  >>> model(jnp.ones((1, 8))).shape
+  (1, 4)
 """
 
 from peft.nnx.lora import LoRAEinsum

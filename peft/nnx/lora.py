@@ -11,17 +11,16 @@ kernel stay on both). `a` and `b` are flax's own `nnx.LoRAParam`, so
 `LoRAScale` variable (data, not a static attribute), so changing it does not
 retrace a jitted function.
 
-Example:
-
->>> import jax.numpy as jnp
->>> from flax import nnx
->>> from peft.nnx.lora import LoRALinear
->>> layer = LoRALinear(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rank=2,
-...                    rngs=nnx.Rngs(1))
->>> layer.lora.a.shape, layer.lora.b.shape
-((3, 2), (2, 4))
->>> bool(jnp.all(layer(jnp.ones((1, 3))) == layer.wrapped(jnp.ones((1, 3)))))
-True
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from peft.nnx.lora import LoRALinear
+  >>> layer = LoRALinear(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rank=2,
+  ...                    rngs=nnx.Rngs(1))
+  >>> layer.lora.a.shape, layer.lora.b.shape
+  ((3, 2), (2, 4))
+  >>> bool(jnp.all(layer(jnp.ones((1, 3))) == layer.wrapped(jnp.ones((1, 3)))))
+  True
 """
 
 from __future__ import annotations
@@ -62,13 +61,12 @@ class LoRAScale(nnx.Variable):
   It is data, not a static attribute: assigning a new value does not retrace a
   jitted function, and `nnx.LoRAParam` / `nnx.Param` filters never select it.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> s = LoRAScale(jnp.float32(0.5))
-  >>> s[...] = 0.25
-  >>> float(s[...])
-  0.25
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> s = LoRAScale(jnp.float32(0.5))
+    >>> s[...] = 0.25
+    >>> float(s[...])
+    0.25
   """
 
 
@@ -317,13 +315,12 @@ class LoRALinearAdapter(_AdapterBase):
   `(*leading_shape, rank, out_features)`; `leading_shape` holds stacking axes
   added by `nnx.vmap` (call the adapter per slice, e.g. inside `nnx.scan`).
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> ad = LoRALinearAdapter(3, 4, rank=2, rngs=nnx.Rngs(0))
-  >>> ad(jnp.ones((5, 3))).shape, ad.delta().shape
-  ((5, 4), (3, 4))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> ad = LoRALinearAdapter(3, 4, rank=2, rngs=nnx.Rngs(0))
+    >>> ad(jnp.ones((5, 3))).shape, ad.delta().shape
+    ((5, 4), (3, 4))
 
   Args:
     in_features: input size.
@@ -396,14 +393,13 @@ class LoRAEinsumAdapter(_AdapterBase):
   axes, the rank axis and the output axes (e.g. `'ebd,edf->ebf'` gives
   `a: (e, d, r)`, `b: (e, r, f)`).
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> ad = LoRAEinsumAdapter('bi,imn->bmn', (3, 4, 5), rank=2,
-  ...                        rngs=nnx.Rngs(0))
-  >>> ad.a.shape, ad.b.shape, ad(jnp.ones((6, 3))).shape
-  ((3, 2), (2, 4, 5), (6, 4, 5))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> ad = LoRAEinsumAdapter('bi,imn->bmn', (3, 4, 5), rank=2,
+    ...                        rngs=nnx.Rngs(0))
+    >>> ad.a.shape, ad.b.shape, ad(jnp.ones((6, 3))).shape
+    ((3, 2), (2, 4, 5), (6, 4, 5))
 
   Args:
     einsum_str: the wrapped layer's `'inputs,weights->outputs'` string.
@@ -477,14 +473,13 @@ class LoRALinearGeneralAdapter(_AdapterBase):
   `(*B, rank, *O)`; the output has the layout of `nnx.LinearGeneral`:
   batch axes, the input's other axes, then `O`.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> ad = LoRALinearGeneralAdapter((2, 3), (4, 5), axis=(-2, -1), rank=2,
-  ...                               rngs=nnx.Rngs(0))
-  >>> ad.a.shape, ad.b.shape, ad(jnp.ones((7, 2, 3))).shape
-  ((2, 3, 2), (2, 4, 5), (7, 4, 5))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> ad = LoRALinearGeneralAdapter((2, 3), (4, 5), axis=(-2, -1), rank=2,
+    ...                               rngs=nnx.Rngs(0))
+    >>> ad.a.shape, ad.b.shape, ad(jnp.ones((7, 2, 3))).shape
+    ((2, 3, 2), (2, 4, 5), (7, 4, 5))
 
   Args:
     in_features: int or tuple, sizes of the contracted input axes.
@@ -778,14 +773,13 @@ class LoRALinear(_LoRAWrapper):
   Kernel sharding names `(in_name, out_name)` give `a` `(in_name, None)` and
   `b` `(None, out_name)`.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> layer = LoRALinear(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rank=2,
-  ...                    alpha=4.0, rngs=nnx.Rngs(1))
-  >>> layer(jnp.ones((5, 3))).shape, float(layer.lora.scale[...])
-  ((5, 4), 2.0)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = LoRALinear(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rank=2,
+    ...                    alpha=4.0, rngs=nnx.Rngs(1))
+    >>> layer(jnp.ones((5, 3))).shape, float(layer.lora.scale[...])
+    ((5, 4), 2.0)
   """ + _WRAPPER_ARGS_DOC
 
   def __init__(
@@ -828,16 +822,15 @@ class LoRAEinsum(_LoRAWrapper):
   kernels with batch/expert axes (`'ebd,edf->ebf'`) and ellipsis inputs
   (`'...d,dhk->...hk'`).
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> base = nnx.Einsum('ebd,edf->ebf', (4, 3, 5), rngs=nnx.Rngs(0))
-  >>> layer = LoRAEinsum(base, rank=2, rngs=nnx.Rngs(1))
-  >>> layer.lora.a.shape, layer.lora.b.shape
-  ((4, 3, 2), (4, 2, 5))
-  >>> layer(jnp.ones((4, 6, 3))).shape
-  (4, 6, 5)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> base = nnx.Einsum('ebd,edf->ebf', (4, 3, 5), rngs=nnx.Rngs(0))
+    >>> layer = LoRAEinsum(base, rank=2, rngs=nnx.Rngs(1))
+    >>> layer.lora.a.shape, layer.lora.b.shape
+    ((4, 3, 2), (4, 2, 5))
+    >>> layer(jnp.ones((4, 6, 3))).shape
+    (4, 6, 5)
   """ + _WRAPPER_ARGS_DOC + """
     einsum_str: the einsum string when the wrapped layer has none (it was
       meant to be given at call time).
@@ -895,15 +888,14 @@ class LoRALinearGeneral(_LoRAWrapper):
   as in `nnx.LinearGeneral`: `a` is `(*batch, *in_features, r)` and `b`
   `(*batch, r, *out_features)`.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> base = nnx.LinearGeneral((2, 3), (4, 5), axis=(-2, -1),
-  ...                          rngs=nnx.Rngs(0))
-  >>> layer = LoRALinearGeneral(base, rank=2, rngs=nnx.Rngs(1))
-  >>> layer.lora.a.shape, layer(jnp.ones((7, 2, 3))).shape
-  ((2, 3, 2), (7, 4, 5))
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> base = nnx.LinearGeneral((2, 3), (4, 5), axis=(-2, -1),
+    ...                          rngs=nnx.Rngs(0))
+    >>> layer = LoRALinearGeneral(base, rank=2, rngs=nnx.Rngs(1))
+    >>> layer.lora.a.shape, layer(jnp.ones((7, 2, 3))).shape
+    ((2, 3, 2), (7, 4, 5))
   """ + _WRAPPER_ARGS_DOC
 
   def __init__(

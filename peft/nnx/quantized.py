@@ -15,15 +15,14 @@ Two families:
   (to float32 rounding), but the matmul dequantizes the weight chunk by chunk
   inside a `lax.fori_loop`, so the float32 weight is never materialised.
 
-Example:
-
->>> import jax.numpy as jnp
->>> from flax import nnx
->>> from peft.nnx.quantized import Int4Linear
->>> layer = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
->>> q = Int4Linear.from_float(layer, method='q4_0')
->>> q(jnp.ones((2, 64))).shape, q.nbytes  # 64*32 weights in 18-byte blocks
-((2, 32), 1152)
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from flax import nnx
+  >>> from peft.nnx.quantized import Int4Linear
+  >>> layer = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+  >>> q = Int4Linear.from_float(layer, method='q4_0')
+  >>> q(jnp.ones((2, 64))).shape, q.nbytes  # 64*32 weights in 18-byte blocks
+  ((2, 32), 1152)
 
 Storage: `weight` is a `QuantizedWeight` whose value is a `peft.quantization.
 QArray` (the codec's own layout for the float kernel, with any stacking axes
@@ -574,13 +573,12 @@ class QuantizedWeight(nnx.Variable):
   `nnx.LoRAParam`) leave it alone: the base of a QLoRA model stays frozen.
   Read it with `variable.get_value()`.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from peft.quantization import quantize
-  >>> w = QuantizedWeight(quantize(jnp.ones((32, 4)), 'int4'))
-  >>> w.get_value().values.dtype
-  dtype(int4)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from peft.quantization import quantize
+    >>> w = QuantizedWeight(quantize(jnp.ones((32, 4)), 'int4'))
+    >>> w.get_value().values.dtype
+    dtype(int4)
   """
 
 
@@ -642,14 +640,13 @@ class SimulateQuantizedLinear(_SimulateBase):
   `simulate_quantize(kernel, method)` (per output channel for INT4 / INT8)
   and the gradient passes straight through to the float kernel.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> layer = SimulateQuantizedLinear(
-  ...     nnx.Linear(64, 32, rngs=nnx.Rngs(0)), method='q4_0')
-  >>> layer(jnp.ones((2, 64))).shape
-  (2, 32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = SimulateQuantizedLinear(
+    ...     nnx.Linear(64, 32, rngs=nnx.Rngs(0)), method='q4_0')
+    >>> layer(jnp.ones((2, 64))).shape
+    (2, 32)
   """
 
   _peft_kind = _LINEAR
@@ -669,14 +666,13 @@ class SimulateQuantizedEinsum(_SimulateBase):
   axes (`peft.einsum.reduced_weight_axes`); batch axes such as experts get
   their own scales.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> inner = nnx.Einsum('bd,dnh->bnh', (64, 2, 32), rngs=nnx.Rngs(0))
-  >>> layer = SimulateQuantizedEinsum(inner, method='int4')
-  >>> layer(jnp.ones((3, 64))).shape
-  (3, 2, 32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> inner = nnx.Einsum('bd,dnh->bnh', (64, 2, 32), rngs=nnx.Rngs(0))
+    >>> layer = SimulateQuantizedEinsum(inner, method='int4')
+    >>> layer(jnp.ones((3, 64))).shape
+    (3, 2, 32)
   """
 
   _peft_kind = _EINSUM
@@ -695,14 +691,13 @@ class SimulateQuantizedLinearGeneral(_SimulateBase):
   INT4 / INT8 scales are per output channel and per `batch_axis` index,
   reduced over the contracted (`axis`) kernel axes.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> inner = nnx.LinearGeneral(64, (2, 32), rngs=nnx.Rngs(0))
-  >>> layer = SimulateQuantizedLinearGeneral(inner, method='q4_0')
-  >>> layer(jnp.ones((3, 64))).shape
-  (3, 2, 32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> inner = nnx.LinearGeneral(64, (2, 32), rngs=nnx.Rngs(0))
+    >>> layer = SimulateQuantizedLinearGeneral(inner, method='q4_0')
+    >>> layer(jnp.ones((3, 64))).shape
+    (3, 2, 32)
   """
 
   _peft_kind = _LINEAR_GENERAL
@@ -808,14 +803,13 @@ class _Int4Base(nnx.Module):
     have size 1 in the storage (reduced axes of a per-channel scale, the
     16-byte axis of Q4_0 blocks) are unsharded.
 
-    Example:
-
-    >>> from flax import nnx
-    >>> q = Int4Linear.from_float(nnx.Linear(64, 32, rngs=nnx.Rngs(0)),
-    ...                           method='q4_0')
-    >>> specs = q.storage_partition_specs(('embed', 'mlp'))
-    >>> specs.values, specs.scale
-    (P('embed', 'mlp', None), P('embed', 'mlp'))
+    Examples:
+      >>> from flax import nnx
+      >>> q = Int4Linear.from_float(nnx.Linear(64, 32, rngs=nnx.Rngs(0)),
+      ...                           method='q4_0')
+      >>> specs = q.storage_partition_specs(('embed', 'mlp'))
+      >>> specs.values, specs.scale
+      (P('embed', 'mlp', None), P('embed', 'mlp'))
     """
     from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
     shape = self.kernel_shape
@@ -877,13 +871,12 @@ class Int4Linear(_Int4Base):
   (`in_features`, `out_features`, `dtype`, ...). `to_float()` gives back an
   `nnx.Linear` with the dequantized kernel.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> layer = Int4Linear.from_float(nnx.Linear(64, 32, rngs=nnx.Rngs(0)))
-  >>> layer(jnp.ones((2, 64))).shape, layer.nbytes  # 64*32/2 + 32*4
-  ((2, 32), 1152)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = Int4Linear.from_float(nnx.Linear(64, 32, rngs=nnx.Rngs(0)))
+    >>> layer(jnp.ones((2, 64))).shape, layer.nbytes  # 64*32/2 + 32*4
+    ((2, 32), 1152)
   """
 
   _peft_kind = _LINEAR
@@ -904,14 +897,13 @@ class Int4Einsum(_Int4Base):
   Build it with `Int4Einsum.from_float(einsum, method=...)`. Q4_0 blocks run
   along the kernel's last axis, Q4_0_TRANSPOSE along its second-to-last.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> inner = nnx.Einsum('bd,dnh->bnh', (64, 2, 32), rngs=nnx.Rngs(0))
-  >>> layer = Int4Einsum.from_float(inner, method='q4_0')
-  >>> layer(jnp.ones((3, 64))).shape
-  (3, 2, 32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> inner = nnx.Einsum('bd,dnh->bnh', (64, 2, 32), rngs=nnx.Rngs(0))
+    >>> layer = Int4Einsum.from_float(inner, method='q4_0')
+    >>> layer(jnp.ones((3, 64))).shape
+    (3, 2, 32)
   """
 
   _peft_kind = _EINSUM
@@ -943,14 +935,13 @@ class Int4LinearGeneral(_Int4Base):
   its last axis, Q4_0_TRANSPOSE along its second-to-last (the blockwise fast
   path needs that axis contracted, i.e. a single output axis).
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> from flax import nnx
-  >>> inner = nnx.LinearGeneral(64, (2, 32), rngs=nnx.Rngs(0))
-  >>> layer = Int4LinearGeneral.from_float(inner, method='int4')
-  >>> layer(jnp.ones((3, 64))).shape
-  (3, 2, 32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> inner = nnx.LinearGeneral(64, (2, 32), rngs=nnx.Rngs(0))
+    >>> layer = Int4LinearGeneral.from_float(inner, method='int4')
+    >>> layer(jnp.ones((3, 64))).shape
+    (3, 2, 32)
   """
 
   _peft_kind = _LINEAR_GENERAL

@@ -14,13 +14,16 @@ The wrapper classes of `peft.nnx.lora` and `peft.nnx.quantized` use these
 functions as their `__treescope_repr__`; a renderer that fails falls back to
 the default NNX rendering.
 
-Example::
+Example:
 
-  import treescope
-  from peft.nnx import surgery, visual
-  model = surgery.apply_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
-  print(treescope.render_to_text(model))
-  html = treescope.render_to_html(model)
+```python
+import treescope
+from peft.nnx import surgery, visual
+model = surgery.apply_lora(model, rank=8, alpha=16, rngs=nnx.Rngs(0))
+print(treescope.render_to_text(model))
+html = treescope.render_to_html(model)
+```
+
 """
 
 from __future__ import annotations
@@ -127,10 +130,13 @@ def _kernel_shape(layer: Any) -> tuple[int, ...]:
 def describe(layer: Any) -> str:
   """A one-line label of a (possibly wrapped or quantized) layer.
 
-  Example::
+  Example:
 
-    describe(nnx.Linear(1024, 1024, rngs=nnx.Rngs(0)))  # 'Linear(1024→1024)'
-    describe(lora_linear)  # 'LoRALinear(rank=8, scale=2) ▸ Linear(1024→1024)'
+  ```python
+  describe(nnx.Linear(1024, 1024, rngs=nnx.Rngs(0)))  # 'Linear(1024→1024)'
+  describe(lora_linear)  # 'LoRALinear(rank=8, scale=2) ▸ Linear(1024→1024)'
+  ```
+
   """
   name = type(layer).__name__
   lora = getattr(layer, 'lora', None)
@@ -282,10 +288,13 @@ def lora_treescope_repr(self, path, subtree_renderer):
   Header `LoRALinear(rank=8, scale=2) ▸ Linear(1024→1024)` with trainable and
   frozen counts; the adapter (`lora`) is drawn as a green trainable block.
 
-  Example::
+  Example:
 
-    LoRALinear.__treescope_repr__ = lora_treescope_repr
-    treescope.render_to_text(layer)
+  ```python
+  LoRALinear.__treescope_repr__ = lora_treescope_repr
+  treescope.render_to_text(layer)
+  ```
+
   """
   lora = self.lora
   header = [rp.text(f'(rank={getattr(lora, "rank", "?")}, scale='
@@ -305,9 +314,12 @@ def lora_treescope_repr(self, path, subtree_renderer):
 def adapter_treescope_repr(self, path, subtree_renderer):
   """`__treescope_repr__` of the LoRA adapters: a green *trainable* block.
 
-  Example::
+  Example:
 
-    LoRALinearAdapter.__treescope_repr__ = adapter_treescope_repr
+  ```python
+  LoRALinearAdapter.__treescope_repr__ = adapter_treescope_repr
+  ```
+
   """
   a, b = _shape_of(self.a), _shape_of(self.b)
   n = int(np.prod(a)) + int(np.prod(b))
@@ -332,9 +344,12 @@ def adapter_treescope_repr(self, path, subtree_renderer):
 def simulated_treescope_repr(self, path, subtree_renderer):
   """`__treescope_repr__` of `SimulateQuantized*`: method and wrapped layer.
 
-  Example::
+  Example:
 
-    SimulateQuantizedLinear.__treescope_repr__ = simulated_treescope_repr
+  ```python
+  SimulateQuantizedLinear.__treescope_repr__ = simulated_treescope_repr
+  ```
+
   """
   method = _method_name(self.method)
   header = [rp.text(f'(method={method}) ▸ {describe(self.wrapped)}')]
@@ -355,9 +370,12 @@ def quantized_treescope_repr(self, path, subtree_renderer):
   Header `Int4Linear(method=q4_0, 64→256)`, annotated with the real storage
   (packed values + scales), bits per weight and the float32 size it replaces.
 
-  Example::
+  Example:
 
-    Int4Linear.__treescope_repr__ = quantized_treescope_repr
+  ```python
+  Int4Linear.__treescope_repr__ = quantized_treescope_repr
+  ```
+
   """
   method = _method_name(self.method)
   q = _qarray(self)
