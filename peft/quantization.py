@@ -19,17 +19,16 @@ subnormals to zero, so a Q4_0 block whose largest magnitude is below
 8 * 2**-126 (about 9.4e-38) gets d = 0 (all codes 8) where ggml keeps a
 subnormal d; both dequantize to zeros.
 
-Example:
-
->>> import jax.numpy as jnp
->>> from peft import quantization as q
->>> w = jnp.linspace(-1.0, 1.0, 64).reshape(2, 32)
->>> w_int4 = q.simulate_quantize(w, 'int4')
->>> qa = q.quantize(w, q.QuantizationMethod.Q4_0)
->>> qa.nbytes  # 2 blocks of 32 weights, 18 bytes each
-36
->>> bool((q.dequantize(qa) == q.simulate_quantize(w, 'q4_0')).all())
-True
+Examples:
+  >>> import jax.numpy as jnp
+  >>> from peft import quantization as q
+  >>> w = jnp.linspace(-1.0, 1.0, 64).reshape(2, 32)
+  >>> w_int4 = q.simulate_quantize(w, 'int4')
+  >>> qa = q.quantize(w, q.QuantizationMethod.Q4_0)
+  >>> qa.nbytes  # 2 blocks of 32 weights, 18 bytes each
+  36
+  >>> bool((q.dequantize(qa) == q.simulate_quantize(w, 'q4_0')).all())
+  True
 """
 
 from __future__ import annotations
@@ -81,12 +80,11 @@ class QuantizationMethod(str, enum.Enum):
   * `SFP8`: per-channel scaled 8-bit float with 3 mantissa bits (simulation
     only; there is no packed storage for it).
 
-  Example:
-
-  >>> QuantizationMethod('INT4') is QuantizationMethod.INT4
-  True
-  >>> QuantizationMethod.Q4_0 == 'q4_0'
-  True
+  Examples:
+    >>> QuantizationMethod('INT4') is QuantizationMethod.INT4
+    True
+    >>> QuantizationMethod.Q4_0 == 'q4_0'
+    True
   """
 
   NONE = 'none'
@@ -117,7 +115,10 @@ _REAL_METHODS = (
     QuantizationMethod.Q4_0_TRANSPOSE,
 )
 _INT_BITS = {QuantizationMethod.INT4: 4, QuantizationMethod.INT8: 8}
-_INT_DTYPES = {QuantizationMethod.INT4: jnp.int4, QuantizationMethod.INT8: jnp.int8}
+_INT_DTYPES = {
+    QuantizationMethod.INT4: jnp.int4,
+    QuantizationMethod.INT8: jnp.int8,
+}
 
 
 # ----------------------------------------------------------------------------
@@ -221,7 +222,7 @@ def _reciprocal(scale: jax.Array) -> jax.Array:
 
 
 def _int_scale(x: jax.Array, bits: int, axes: tuple[int, ...]) -> jax.Array:
-  """`(2**(bits-1) - 1) / max|x|` over `axes` (kept as size 1); 1 if max is 0."""
+  """`(2**(bits-1) - 1) / max|x|` over `axes` (kept, size 1); 1 if max is 0."""
   scale = jnp.float32(2 ** (bits - 1) - 1) / _abs_max(x, axes)
   # amax == 0 (or so small that the scale overflows): the channel becomes 0.
   return jnp.where(jnp.isfinite(scale), scale, jnp.float32(1.0))
@@ -319,12 +320,11 @@ def pack_q4_0(codes: jax.Array) -> jax.Array:
   high nibble. Codes are unsigned (0..15, the dequantized value being
   `d * (code - 8)`).
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> codes = jnp.arange(32, dtype=jnp.uint8) % 16
-  >>> pack_q4_0(codes)[:2]  # 0 | (0 << 4), 1 | (1 << 4)
-  Array([ 0, 17], dtype=uint8)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> codes = jnp.arange(32, dtype=jnp.uint8) % 16
+    >>> pack_q4_0(codes)[:2]  # 0 | (0 << 4), 1 | (1 << 4)
+    Array([ 0, 17], dtype=uint8)
   """
   codes = jnp.asarray(codes)
   if codes.ndim < 1 or codes.shape[-1] != Q4_0_BLOCK_SIZE:
@@ -343,12 +343,11 @@ def unpack_q4_0(values: jax.Array) -> jax.Array:
   Inverse of `pack_q4_0`: element `i` is the low nibble of byte `i`, element
   `i + 16` its high nibble. Codes are in 0..15; values are `d * (code - 8)`.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> codes = jnp.arange(32, dtype=jnp.uint8) % 16
-  >>> bool((unpack_q4_0(pack_q4_0(codes)) == codes).all())
-  True
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> codes = jnp.arange(32, dtype=jnp.uint8) % 16
+    >>> bool((unpack_q4_0(pack_q4_0(codes)) == codes).all())
+    True
   """
   values = jnp.asarray(values)
   if values.ndim < 1 or values.shape[-1] != Q4_0_BLOCK_SIZE // 2:
@@ -454,7 +453,7 @@ def simulate_quantize(
     method: QuantizationMethod | str,
     axis_to_reduce: int | Sequence[int] | None = None,
 ) -> jax.Array:
-  """Fake-quantizes `x`: rounds it onto `method`'s grid, keeping shape and dtype.
+  """Fake-quantizes `x`: rounds it onto `method`'s grid (same shape, dtype).
 
   The forward pass is exactly the formula of `method` (see
   `QuantizationMethod`; Q4_0 matches ggml bit for bit) computed in float32 and
@@ -474,16 +473,15 @@ def simulate_quantize(
     The quantized-then-dequantized array, same shape and dtype as `x`. An
     all-zero channel or block gives zeros.
 
-  Example:
-
-  >>> import jax, jax.numpy as jnp
-  >>> w = jnp.array([[1.0, 0.2], [0.3, -0.4]])
-  >>> simulate_quantize(w, 'int4')  # per column: round(w * 7 / max|w|)
-  Array([[ 1.        ,  0.22857143],
-         [ 0.2857143 , -0.4       ]], dtype=float32)
-  >>> jax.grad(lambda w: simulate_quantize(w, 'int4').sum())(w)
-  Array([[1., 1.],
-         [1., 1.]], dtype=float32)
+  Examples:
+    >>> import jax, jax.numpy as jnp
+    >>> w = jnp.array([[1.0, 0.2], [0.3, -0.4]])
+    >>> simulate_quantize(w, 'int4')  # per column: round(w * 7 / max|w|)
+    Array([[ 1.        ,  0.22857143],
+           [ 0.2857143 , -0.4       ]], dtype=float32)
+    >>> jax.grad(lambda w: simulate_quantize(w, 'int4').sum())(w)
+    Array([[1., 1.],
+           [1., 1.]], dtype=float32)
   """
   method = _as_method(method)
   x = _as_float_array(x, 'simulate_quantize')
@@ -522,12 +520,11 @@ class QArray:
   * Q4_0_TRANSPOSE: Q4_0 of `swapaxes(x, -1, -2)`: for `shape = (*lead, K, N)`,
     `values` is `(*lead, N, K // 32, 16)` and `scale` `(*lead, N, K // 32)`.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> qa = quantize(jnp.ones((64, 8)), 'int4')
-  >>> qa.values.dtype, qa.scale.shape, qa.nbytes  # 64*8/2 + 8*4 bytes
-  (dtype(int4), (1, 8), 288)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> qa = quantize(jnp.ones((64, 8)), 'int4')
+    >>> qa.values.dtype, qa.scale.shape, qa.nbytes  # 64*8/2 + 8*4 bytes
+    (dtype(int4), (1, 8), 288)
   """
 
   values: jax.Array
@@ -550,11 +547,10 @@ class QArray:
   def nbytes(self) -> int:
     """Real storage in bytes (int4 counts half a byte per element).
 
-    Example:
-
-    >>> import jax.numpy as jnp
-    >>> quantize(jnp.ones((4, 64)), 'q4_0').nbytes  # 8 blocks * 18 bytes
-    144
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> quantize(jnp.ones((4, 64)), 'q4_0').nbytes  # 8 blocks * 18 bytes
+      144
     """
     values_size = int(np.prod(self.values.shape))
     scale_size = int(np.prod(self.scale.shape))
@@ -583,13 +579,12 @@ def quantize(
   Returns:
     A `QArray` (see its docstring for the layouts).
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> w = jnp.linspace(-1.0, 1.0, 256).reshape(32, 8)
-  >>> qa = quantize(w, 'q4_0_transpose')  # blocks of 32 down each column
-  >>> qa.values.shape, qa.scale.shape, qa.nbytes
-  ((8, 1, 16), (8, 1), 144)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> w = jnp.linspace(-1.0, 1.0, 256).reshape(32, 8)
+    >>> qa = quantize(w, 'q4_0_transpose')  # blocks of 32 down each column
+    >>> qa.values.shape, qa.scale.shape, qa.nbytes
+    ((8, 1, 16), (8, 1), 144)
   """
   method = _as_method(method)
   if method not in _REAL_METHODS:
@@ -636,13 +631,12 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
 
   Computed in float32 then cast to `dtype`.
 
-  Example:
-
-  >>> import jax.numpy as jnp
-  >>> w = jnp.array([[0.5, -1.0], [0.25, 0.75]])
-  >>> dequantize(quantize(w, 'int8'))
-  Array([[ 0.5      , -1.       ],
-         [ 0.2519685,  0.7480315]], dtype=float32)
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> w = jnp.array([[0.5, -1.0], [0.25, 0.75]])
+    >>> dequantize(quantize(w, 'int8'))
+    Array([[ 0.5      , -1.       ],
+           [ 0.2519685,  0.7480315]], dtype=float32)
   """
   if not isinstance(q, QArray):
     raise TypeError(
@@ -678,13 +672,18 @@ def _dequantize_arrays(
   if method in _INT_BITS:
     out = values.astype(jnp.float32) * _reciprocal(scale.astype(jnp.float32))
     return out.astype(dtype)
-  codes = unpack_q4_0(values).astype(jnp.float32)
-  d = scale.astype(jnp.float32)[..., None]
-  out = d * (codes - jnp.float32(8.0))  # (*lead, K // 32, 32)
-  out = out.reshape(*out.shape[:-2], -1)
-  if method is QuantizationMethod.Q4_0_TRANSPOSE:
-    out = jnp.swapaxes(out, -1, -2)
-  return out.astype(dtype)
+  if method is QuantizationMethod.Q4_0:
+    codes = unpack_q4_0(values).astype(jnp.float32)  # (*lead, K // 32, 32)
+    out = scale.astype(jnp.float32)[..., None] * (codes - jnp.float32(8.0))
+    return out.reshape(*out.shape[:-2], -1).astype(dtype)
+  # Q4_0_TRANSPOSE: transpose the packed bytes (an eighth of the float
+  # output's size) to (*lead, K // 32, 16, N), then unpack along axis -2.
+  packed = jnp.moveaxis(values, -3, -1)
+  codes = jnp.concatenate([packed & 0x0F, packed >> 4], axis=-2)
+  d = jnp.swapaxes(scale, -1, -2).astype(jnp.float32)[..., None, :]
+  out = d * (codes.astype(jnp.float32) - jnp.float32(8.0))
+  *lead, n_blocks, block, n = out.shape
+  return out.reshape(*lead, n_blocks * block, n).astype(dtype)
 
 
 def to_ggml_bytes(q: QArray) -> np.ndarray:
@@ -696,12 +695,11 @@ def to_ggml_bytes(q: QArray) -> np.ndarray:
   Q4_0_TRANSPOSE the stream is that of `swapaxes(x, -1, -2)`, i.e.
   `(*lead, N, K // 32 * 18)`.
 
-  Example:
-
-  >>> import numpy as np
-  >>> qa = quantize(np.ones((2, 64), np.float32), 'q4_0')
-  >>> to_ggml_bytes(qa).shape  # 2 rows of 2 blocks of 18 bytes
-  (2, 36)
+  Examples:
+    >>> import numpy as np
+    >>> qa = quantize(np.ones((2, 64), np.float32), 'q4_0')
+    >>> to_ggml_bytes(qa).shape  # 2 rows of 2 blocks of 18 bytes
+    (2, 36)
   """
   if not isinstance(q, QArray) or q.method not in (
       QuantizationMethod.Q4_0,

@@ -1,0 +1,114 @@
+"""Cost of `simulate_quantize` relative to one fused elementwise pass.
+
+For a 4096 x 4096 float32 kernel, every method's jitted `simulate_quantize`
+is timed (median of several runs after warm-up, `block_until_ready`) and
+divided by the time of `jnp.round(x * s) / s`, one fused elementwise pass over
+the same array: the floor any fake-quantizer has to pay. Target: every method
+<= 1.5x (wall-clock ratio). Runs alternate with the baseline so that a busy
+machine slows both alike; the CPU-time ratio (process CPU seconds, all
+threads) is shown beside it as a second, less load-sensitive view. Also
+shown, for information: real `quantize` and `dequantize` times.
+
+Run: `python benchmarks/quantization.py [--size 4096] [--runs 15]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+
+from peft.quantization import QuantizationMethod
+from peft.quantization import dequantize
+from peft.quantization import quantize
+from peft.quantization import simulate_quantize
+
+_TARGET = 1.5
+
+
+def _seconds(fn, *args) -> tuple[float, float]:
+  """Wall-clock and process CPU seconds of one call."""
+  start, cpu_start = time.perf_counter(), time.process_time()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def _paired(fn, args, baseline_fn, baseline_args, runs: int):
+  """Median times of `fn` and the baseline, and medians of their ratios.
+
+  Runs alternate between the two so that load from other processes on a
+  shared machine hits both alike. Returns (fn ms, baseline ms, wall-clock
+  ratio, CPU-time ratio).
+  """
+  for _ in range(2):  # compile + warm-up
+    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(baseline_fn(*baseline_args))
+  times, base_times, ratios, cpu_ratios = [], [], [], []
+  for _ in range(runs):
+    b, b_cpu = _seconds(baseline_fn, *baseline_args)
+    t, t_cpu = _seconds(fn, *args)
+    times.append(t)
+    base_times.append(b)
+    ratios.append(t / b)
+    cpu_ratios.append(t_cpu / max(b_cpu, 1e-9))
+  return (
+      statistics.median(times) * 1e3,
+      statistics.median(base_times) * 1e3,
+      statistics.median(ratios),
+      statistics.median(cpu_ratios),
+  )
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument('--size', type=int, default=4096)
+  parser.add_argument('--runs', type=int, default=15)
+  args = parser.parse_args()
+
+  x = jax.random.normal(jax.random.key(0), (args.size, args.size), jnp.float32)
+  s = jnp.float32(7.0)
+  baseline_fn = jax.jit(lambda x, s: jnp.round(x * s) / s)
+  base = (baseline_fn, (x, s))
+
+  print(
+      f'jax {jax.__version__} on {jax.devices()[0].platform}'
+      f' ({jax.device_count()} device), x: float32 {args.size}x{args.size},'
+      f' medians of {args.runs} runs alternating with the baseline'
+  )
+  print('baseline: jax.jit(lambda x, s: jnp.round(x * s) / s)\n')
+  header = (
+      f'{"method":<16}{"simulate ms":>12}{"baseline ms":>12}{"ratio":>8}'
+      f'  {"<=1.5x":<7}{"cpu ratio":>10}{"quantize ms":>12}'
+      f'{"dequantize ms":>14}'
+  )
+  print(header)
+  print('-' * len(header))
+  slow = []
+  for method in QuantizationMethod:
+    sim_fn = jax.jit(lambda x, m=method: simulate_quantize(x, m))
+    t, b, ratio, cpu_ratio = _paired(sim_fn, (x,), *base, runs=args.runs)
+    ok = 'ok' if ratio <= _TARGET else 'SLOW'
+    if ratio > _TARGET:
+      slow.append(method.name)
+    q_ms = dq_ms = '-'
+    if method not in (QuantizationMethod.NONE, QuantizationMethod.SFP8):
+      q_fn = jax.jit(lambda x, m=method: quantize(x, m))
+      q_ms = f'{_paired(q_fn, (x,), *base, runs=args.runs)[0]:.2f}'
+      dq_fn = jax.jit(dequantize)
+      dq_ms = f'{_paired(dq_fn, (q_fn(x),), *base, runs=args.runs)[0]:.2f}'
+    print(
+        f'{method.name:<16}{t:>12.2f}{b:>12.2f}{ratio:>7.2f}x'
+        f'  {ok:<7}{cpu_ratio:>9.2f}x{q_ms:>12}{dq_ms:>14}'
+    )
+  print()
+  if slow:
+    print(f'above the {_TARGET}x target: {", ".join(slow)}')
+  else:
+    print(f'all methods within {_TARGET}x of one elementwise pass')
+
+
+if __name__ == '__main__':
+  main()

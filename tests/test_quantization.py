@@ -1,0 +1,619 @@
+"""Tests for peft.quantization.
+
+References are independent of the code under test: the `gguf` package
+(llama.cpp's own Python port of ggml's Q4_0) and numpy transcriptions of the
+formulas in DESIGN.md ("Numerics").
+"""
+
+import gguf
+from gguf import quants as gguf_quants
+from hypothesis import given
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peft import quantization as quant
+from peft.quantization import QArray
+from peft.quantization import QuantizationMethod as QM
+
+Q4_0 = gguf.GGMLQuantizationType.Q4_0
+REAL_METHODS = [QM.INT4, QM.INT8, QM.Q4_0, QM.Q4_0_TRANSPOSE]
+ALL_METHODS = list(QM)
+
+
+def _bits(a) -> np.ndarray:
+  """float32 bit patterns, so that comparisons see -0.0 and NaN exactly."""
+  return np.asarray(a, np.float32).view(np.uint32)
+
+
+def assert_bit_equal(actual, expected):
+  np.testing.assert_array_equal(_bits(actual), _bits(expected))
+
+
+def _rng(seed=0):
+  return np.random.default_rng(seed)
+
+
+# ----------------------------------------------------------------------------
+# Independent references.
+
+
+def ref_q4_0(x: np.ndarray) -> np.ndarray:
+  """gguf's quantize + dequantize (float32), blocks along the last axis."""
+  x = np.asarray(x, np.float32)
+  return gguf_quants.dequantize(gguf_quants.quantize(x, Q4_0), Q4_0).reshape(
+      x.shape
+  )
+
+
+def ref_int(x: np.ndarray, bits: int, axes) -> np.ndarray:
+  """DESIGN.md: scale = (2^(b-1)-1)/max|w|, q = clip(round(w*scale)), q/scale.
+
+  The division by the per-channel scale is a multiplication by its float32
+  reciprocal, as XLA compiles `q / broadcast(scale)` (see `_reciprocal`).
+  """
+  x = np.asarray(x, np.float32)
+  qmax = 2 ** (bits - 1) - 1
+  amax = np.max(np.abs(x), axis=axes, keepdims=True)
+  with np.errstate(divide='ignore'):
+    scale = np.float32(qmax) / amax
+  scale = np.where(amax == 0, np.float32(1), scale).astype(np.float32)
+  q = np.clip(np.round(x * scale), -qmax - 1, qmax) + np.float32(0)  # no -0.0
+  return (q * (np.float32(1) / scale)).astype(np.float32)
+
+
+def ref_sfp8(x: np.ndarray, axes) -> np.ndarray:
+  """DESIGN.md's SFP8, written from the text in float64.
+
+  Per channel, scale so that max|w| maps to 1.875; keep 3 mantissa bits
+  (step 2^floor(log2|y|) / 8, doubled when 2^floor(log2|y|) <= 1/256);
+  below 1.4901161193847656e-07 snap to that value, below
+  1.1175882588358173e-07 to zero; then unscale.
+  """
+  x = np.asarray(x, np.float32)
+  amax = np.max(np.abs(x), axis=axes, keepdims=True)
+  with np.errstate(divide='ignore'):
+    scale = np.float32(1.875) / amax
+  scale = np.where(amax == 0, np.float32(1), scale).astype(np.float32)
+  y = (np.abs(x) * scale).astype(np.float64)  # the float32 product, exactly
+  _, exponent = np.frexp(y)  # y = f * 2**exponent with f in [0.5, 1)
+  power = np.ldexp(1.0, exponent - 1)  # 2**floor(log2 y)
+  step = np.where(power <= 1 / 256, 2.0, 1.0) * power / 8
+  with np.errstate(invalid='ignore', divide='ignore'):
+    y_q = np.round(y / step) * step  # ties to even
+  y_q = np.where(y < 1.4901161193847656e-07, 1.4901161193847656e-07, y_q)
+  y_q = np.where(y < 1.1175882588358173e-07, 0.0, y_q)
+  y_q = np.copysign(y_q, x).astype(np.float32)
+  return (y_q * (np.float32(1) / scale)).astype(np.float32)  # unscale
+
+
+def _default_axes(ndim):
+  return tuple(range(ndim - 1))
+
+
+def _simulate_np(x, method, axis_to_reduce=None):
+  out = quant.simulate_quantize(jnp.asarray(x), method, axis_to_reduce)
+  return np.asarray(out)
+
+
+# ----------------------------------------------------------------------------
+# QuantizationMethod.
+
+
+def test_method_from_strings_case_insensitive():
+  assert QM('int4') is QM.INT4
+  assert QM('INT4') is QM.INT4
+  assert QM('Q4_0_Transpose') is QM.Q4_0_TRANSPOSE
+  assert QM.SFP8 == 'sfp8' and isinstance(QM.SFP8, str)
+  assert [m.value for m in QM] == [
+      'none', 'int4', 'int8', 'q4_0', 'q4_0_transpose', 'sfp8'
+  ]
+
+
+def test_unknown_method_lists_valid_names():
+  with pytest.raises(ValueError) as err:
+    QM('int3')
+  for m in QM:
+    assert repr(m.value) in str(err.value)
+  with pytest.raises(ValueError, match='int4'):
+    quant.simulate_quantize(jnp.ones((32, 2)), 'fp4')
+  with pytest.raises(ValueError, match='int4'):
+    quant.quantize(jnp.ones((32, 2)), 'fp4')
+
+
+# ----------------------------------------------------------------------------
+# Q4_0 against gguf, bit for bit.
+
+
+@pytest.mark.parametrize('scale', [1e-5, 3e-3, 1.0, 250.0])
+@pytest.mark.parametrize('shape', [(4, 64), (2, 3, 96)])
+def test_q4_0_matches_gguf_random(shape, scale):
+  x = (_rng(1).standard_normal(shape) * scale).astype(np.float32)
+  assert_bit_equal(_simulate_np(x, QM.Q4_0), ref_q4_0(x))
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(quant.quantize(x, QM.Q4_0)),
+      gguf_quants.quantize(x, Q4_0),
+  )
+
+
+def test_q4_0_matches_gguf_many_blocks():
+  x = _rng(2).standard_normal((256, 1024)).astype(np.float32) ** 3
+  assert_bit_equal(_simulate_np(x, QM.Q4_0), ref_q4_0(x))
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(quant.quantize(x, QM.Q4_0)),
+      gguf_quants.quantize(x, Q4_0),
+  )
+
+
+def _fma_sensitive_blocks(n_blocks=128, seed=3):
+  """Blocks where rounding x * (1/d) before adding 8.5 changes codes.
+
+  ggml computes trunc(fl(fl(x * id) + 8.5)); a compiler contracting that into
+  one fused multiply-add (a single rounding) gets other codes for these
+  values, so they pin the two-rounding semantics.
+  """
+  rng = _rng(seed)
+  m = rng.uniform(1.0, 2.0, (n_blocks, 1)).astype(np.float32)
+  inv_d = np.float32(1) / (m / np.float32(-8))
+  # Aim at products p that put p + 8.5 on a rounding tie just below an
+  # integer k (k minus half an ulp), then look a few ulps of x around it.
+  k = np.arange(1, 17, dtype=np.float32)
+  half_ulp = (k - np.nextafter(k, np.float32(0))).astype(np.float64) / 2
+  target = k.astype(np.float64) - 8.5 - half_ulp
+  x0 = (target / inv_d.astype(np.float64)).astype(np.float32)  # (n, 16)
+  offsets = np.arange(-64, 65, dtype=np.float32)
+  x = x0[..., None] + offsets * np.spacing(x0)[..., None]
+  x = x.astype(np.float32).reshape(n_blocks, -1)
+  two_roundings = np.minimum(np.trunc((x * inv_d) + np.float32(8.5)), 15)
+  one_rounding = np.minimum(
+      np.trunc(
+          (x.astype(np.float64) * inv_d.astype(np.float64) + 8.5).astype(
+              np.float32
+          )
+      ),
+      15,
+  )
+  sensitive = two_roundings != one_rounding
+  blocks = np.zeros((n_blocks, 32), np.float32)
+  blocks[:, :1] = m
+  for b in range(n_blocks):  # test-data construction only
+    values = np.unique(x[b][sensitive[b]])[:31]
+    blocks[b, 1 : 1 + values.size] = values
+  assert sensitive.any(axis=1).sum() > n_blocks // 2
+  return blocks
+
+
+def test_q4_0_two_roundings_not_fused_multiply_add():
+  x = _fma_sensitive_blocks()
+  expected = gguf_quants.quantize(x, Q4_0)
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(jax.jit(quant.quantize, static_argnums=1)(x, 'q4_0')),
+      expected,
+  )
+  assert_bit_equal(
+      jax.jit(quant.simulate_quantize, static_argnums=1)(x, 'q4_0'),
+      ref_q4_0(x),
+  )
+
+
+def test_q4_0_all_zero_blocks_give_zeros_and_ggml_bytes():
+  x = np.zeros((3, 64), np.float32)
+  x[1, :32] = -0.0  # the sign of the first zero is the sign ggml stores in d
+  x[2, 0] = -0.0
+  x[2, 40:] = -0.0
+  out = _simulate_np(x, QM.Q4_0)
+  assert not np.isnan(out).any() and (out == 0).all()
+  assert_bit_equal(out, ref_q4_0(x))
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(quant.quantize(x, QM.Q4_0)),
+      gguf_quants.quantize(x, Q4_0),
+  )
+
+
+def test_q4_0_one_outlier_per_block():
+  rng = _rng(4)
+  x = (rng.standard_normal((4, 128)) * 0.01).astype(np.float32)
+  x[0, 5] = 40.0
+  x[1, 37] = -1e3
+  x[2, 64] = 7.0
+  x[3, 127] = -3.0
+  assert_bit_equal(_simulate_np(x, QM.Q4_0), ref_q4_0(x))
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(quant.quantize(x, QM.Q4_0)),
+      gguf_quants.quantize(x, Q4_0),
+  )
+
+
+def test_q4_0_ties_in_magnitude_take_the_first():
+  rng = _rng(5)
+  x = (rng.uniform(-1, 1, (6, 32))).astype(np.float32)
+  x[0, 3], x[0, 20] = 2.0, -2.0  # + first
+  x[1, 3], x[1, 20] = -2.0, 2.0  # - first
+  x[2, 0], x[2, 31] = -2.0, 2.0
+  x[3, 30], x[3, 31] = 2.0, -2.0
+  x[4, [1, 2, 9]] = [-2.0, 2.0, -2.0]
+  x[5, [7, 8]] = [2.0, 2.0]  # same sign: no tie to break
+  expected = gguf_quants.quantize(x, Q4_0)
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(quant.quantize(x, QM.Q4_0)), expected
+  )
+  assert_bit_equal(_simulate_np(x, QM.Q4_0), ref_q4_0(x))
+  # Same blocks in the transposed layout.
+  xt = np.ascontiguousarray(x.T)
+  assert_bit_equal(_simulate_np(xt, QM.Q4_0_TRANSPOSE), ref_q4_0(x).T)
+
+
+def test_q4_0_facts_example_block():
+  # /work/shared/FACTS.md, "ggml Q4_0": scale -0.65625.
+  x = np.arange(32, dtype=np.float32) * 0.25 - 2.5
+  expected = bytes.fromhex('40b96c5b5b5b4a4a3a393928282817170606')
+  assert gguf_quants.quantize(x, Q4_0).tobytes() == expected
+  qa = quant.quantize(x, QM.Q4_0)
+  assert quant.to_ggml_bytes(qa).tobytes() == expected
+  assert float(qa.scale[0]) == -0.65625
+
+
+def test_q4_0_transpose_is_q4_0_of_the_swapped_axes():
+  x = _rng(6).standard_normal((2, 64, 5)).astype(np.float32)
+  swapped = np.ascontiguousarray(np.swapaxes(x, -1, -2))
+  out = _simulate_np(x, QM.Q4_0_TRANSPOSE)
+  assert out.shape == x.shape
+  assert_bit_equal(np.swapaxes(out, -1, -2), ref_q4_0(swapped))
+  qa = quant.quantize(x, QM.Q4_0_TRANSPOSE)
+  assert qa.values.shape == (2, 5, 2, 16) and qa.values.dtype == jnp.uint8
+  assert qa.scale.shape == (2, 5, 2) and qa.scale.dtype == jnp.float16
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(qa), gguf_quants.quantize(swapped, Q4_0)
+  )
+
+
+def test_q4_0_layout():
+  x = _rng(7).standard_normal((3, 2, 64)).astype(np.float32)
+  qa = quant.quantize(x, QM.Q4_0)
+  assert qa.values.shape == (3, 2, 2, 16) and qa.values.dtype == jnp.uint8
+  assert qa.scale.shape == (3, 2, 2) and qa.scale.dtype == jnp.float16
+  raw = gguf_quants.quantize(x, Q4_0).reshape(3, 2, 2, 18)
+  np.testing.assert_array_equal(raw[..., 2:], np.asarray(qa.values))
+  np.testing.assert_array_equal(
+      raw[..., :2].copy().view('<f2')[..., 0], np.asarray(qa.scale)
+  )
+
+
+def test_pack_unpack_nibble_layout():
+  codes = _rng(8).integers(0, 16, (5, 32)).astype(np.uint8)
+  packed = np.asarray(quant.pack_q4_0(codes))
+  np.testing.assert_array_equal(packed, codes[:, :16] | (codes[:, 16:] << 4))
+  np.testing.assert_array_equal(np.asarray(quant.unpack_q4_0(packed)), codes)
+  with pytest.raises(ValueError, match='32'):
+    quant.pack_q4_0(np.zeros((4, 30), np.uint8))
+  with pytest.raises(ValueError, match='16'):
+    quant.unpack_q4_0(np.zeros((4, 18), np.uint8))
+
+
+# ----------------------------------------------------------------------------
+# INT4 / INT8 / SFP8 against numpy transcriptions of the formulas.
+
+
+@pytest.mark.parametrize('method,bits', [(QM.INT4, 4), (QM.INT8, 8)])
+@pytest.mark.parametrize(
+    'shape,axis_to_reduce',
+    [((16, 8), None), ((4, 6, 5), None), ((4, 6, 5), 1), ((4, 6, 5), (0, 2)),
+     ((4, 6, 5), -1), ((7,), None)],
+)
+def test_int_matches_formula(method, bits, shape, axis_to_reduce):
+  x = _rng(9).standard_normal(shape).astype(np.float32)
+  axes = (
+      _default_axes(len(shape)) if axis_to_reduce is None
+      else tuple(np.atleast_1d(axis_to_reduce))
+  )
+  out = _simulate_np(x, method, axis_to_reduce)
+  assert_bit_equal(out, ref_int(x, bits, axes))
+
+
+def test_int_scale_layout_and_rule():
+  x = _rng(10).standard_normal((3, 4, 6)).astype(np.float32)
+  for method, dtype in [(QM.INT4, jnp.int4), (QM.INT8, jnp.int8)]:
+    qa = quant.quantize(x, method)
+    assert qa.values.dtype == dtype and qa.values.shape == x.shape
+    assert qa.scale.dtype == jnp.float32 and qa.scale.shape == (1, 1, 6)
+    bits = 4 if method == QM.INT4 else 8
+    np.testing.assert_array_equal(
+        np.asarray(qa.scale),
+        np.float32(2 ** (bits - 1) - 1) / np.abs(x).max((0, 1), keepdims=True),
+    )
+    # dequantized = values / scale (the document's rule), as XLA computes
+    # it: times the reciprocal of the scale.
+    values = np.asarray(qa.values).astype(np.float32)
+    assert_bit_equal(
+        quant.dequantize(qa), values * (np.float32(1) / np.asarray(qa.scale))
+    )
+    np.testing.assert_allclose(
+        quant.dequantize(qa), values / np.asarray(qa.scale), rtol=2.5e-7
+    )
+
+
+def test_sfp8_matches_formula():
+  rng = _rng(11)
+  # Magnitudes spread over many binades, so that scaled values fall above
+  # and below 1/256 and near the snapping thresholds.
+  x = (rng.choice([-1, 1], (64, 6)) * 10.0 ** rng.uniform(-9, 0, (64, 6)))
+  x[0] = 1.0
+  x = x.astype(np.float32)
+  assert_bit_equal(_simulate_np(x, QM.SFP8), ref_sfp8(x, (0,)))
+  assert_bit_equal(_simulate_np(x, QM.SFP8, 1), ref_sfp8(x, (1,)))
+
+
+def test_sfp8_edges():
+  # Every column holds 1.875, so the scale is exactly 1 and row 1 holds the
+  # values that get rounded.
+  smallest = np.float32(1.4901161193847656e-07)
+  below_zero_threshold = np.float32(1.1175882588358173e-07)  # < the constant
+  above_zero_threshold = np.nextafter(below_zero_threshold, np.float32(1))
+  cases = [  # (value, expected result)
+      (1.875, 1.875),
+      (1.0, 1.0),
+      (1.0625, 1.0),  # tie between 1 and 1.125: even
+      (1.0625 + 2**-20, 1.125),  # 3 mantissa bits: step 1/8
+      (0.99, 1.0),
+      (2**-7, 2**-7),
+      (2**-7 - 2**-30, 2**-7),
+      (2**-8 + 2**-11, 2**-8),  # at 1/256 the step doubles to 2**-10: tie, even
+      (2**-8 + 2**-11 + 2**-30, 2**-8 + 2**-10),
+      (2**-9 + 2**-12, 2**-9),  # step 2**-11: tie, even -> down
+      (2**-9 + 2**-11 + 2**-12, 2**-9 + 2**-10),  # tie, odd -> up
+      (2**-22, 2**-22),
+      (float(smallest), float(smallest)),
+      (float(smallest) - 2**-40, float(smallest)),  # snaps up
+      (1.3e-07, float(smallest)),
+      (float(above_zero_threshold), float(smallest)),
+      (float(below_zero_threshold), 0.0),
+      (1.0e-07, 0.0),
+      (0.0, 0.0),
+      (-0.0, -0.0),
+      (-2**-23, -float(smallest)),
+      (-0.3, -0.3125),
+  ]
+  values = np.array([v for v, _ in cases], np.float32)
+  x = np.stack([np.full_like(values, 1.875), values])
+  out = _simulate_np(x, QM.SFP8)
+  assert_bit_equal(out, ref_sfp8(x, (0,)))
+  assert_bit_equal(out[1], np.array([e for _, e in cases], np.float32))
+
+
+# ----------------------------------------------------------------------------
+# Zero channels, dtypes, STE, round trips, jit, pytree.
+
+
+@pytest.mark.parametrize('method', [m for m in ALL_METHODS if m != QM.NONE])
+def test_zero_channel_or_block_gives_zeros(method):
+  x = _rng(12).standard_normal((64, 4)).astype(np.float32)
+  x[:, 1] = 0.0  # zero channel (INT/SFP8) and zero Q4_0_TRANSPOSE blocks
+  x[:32, 3] = 0.0
+  if method == QM.Q4_0:
+    x = np.ascontiguousarray(x.T)
+  out = _simulate_np(x, method)
+  assert np.isfinite(out).all()
+  zero = x == 0
+  assert (out[zero] == 0).all()
+  if method in REAL_METHODS:
+    deq = np.asarray(quant.dequantize(quant.quantize(x, method)))
+    assert np.isfinite(deq).all() and (deq[zero] == 0).all()
+
+
+@pytest.mark.parametrize('method', ALL_METHODS)
+def test_straight_through_gradient_is_identity(method):
+  rng = _rng(13)
+  x = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((64, 32)), jnp.float32)
+  grad = jax.grad(lambda x: jnp.sum(quant.simulate_quantize(x, method) * w))(x)
+  assert_bit_equal(grad, w)
+  grad_jit = jax.jit(
+      jax.grad(lambda x: jnp.sum(quant.simulate_quantize(x, method) * w))
+  )(x)
+  assert_bit_equal(grad_jit, w)
+
+
+@pytest.mark.parametrize('method', REAL_METHODS)
+def test_dequantize_quantize_equals_simulate(method):
+  x = _rng(14).standard_normal((2, 64, 64)).astype(np.float32) ** 3
+  x[0, :32, :32] = 0.0
+  assert_bit_equal(
+      quant.dequantize(quant.quantize(x, method)),
+      quant.simulate_quantize(x, method),
+  )
+
+
+@pytest.mark.parametrize('dtype', [jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize('method', ALL_METHODS)
+def test_low_precision_inputs_compute_in_float32(method, dtype):
+  x = jnp.asarray(_rng(15).standard_normal((64, 32)), dtype)
+  out = quant.simulate_quantize(x, method)
+  assert out.dtype == dtype and out.shape == x.shape
+  expected = quant.simulate_quantize(x.astype(jnp.float32), method)
+  expected = expected.astype(dtype)
+  np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+  if method in REAL_METHODS:
+    np.testing.assert_array_equal(
+        np.asarray(quant.dequantize(quant.quantize(x, method), dtype)),
+        np.asarray(out),
+    )
+
+
+def test_jit_and_pytree():
+  x = _rng(16).standard_normal((64, 32)).astype(np.float32)
+  sim = jax.jit(quant.simulate_quantize, static_argnums=(1, 2))
+  for method in ALL_METHODS:
+    assert_bit_equal(sim(x, method, None), quant.simulate_quantize(x, method))
+  qa = jax.jit(quant.quantize, static_argnums=1)(x, QM.Q4_0_TRANSPOSE)
+  assert isinstance(qa, QArray) and qa.method is QM.Q4_0_TRANSPOSE
+  assert qa.shape == (64, 32)
+  assert len(jax.tree.leaves(qa)) == 2
+  doubled = jax.tree.map(lambda a: a, qa)
+  assert doubled.method is qa.method and doubled.shape == qa.shape
+  assert_bit_equal(
+      jax.jit(quant.dequantize)(qa),
+      quant.simulate_quantize(x, 'q4_0_transpose'),
+  )
+
+
+def test_nbytes():
+  x = jnp.ones((64, 8), jnp.float32)
+  assert quant.quantize(x, QM.INT4).nbytes == 64 * 8 // 2 + 8 * 4
+  assert quant.quantize(x, QM.INT8).nbytes == 64 * 8 + 8 * 4
+  # Q4_0: exactly 18 bytes per 32 weights.
+  assert quant.quantize(x.T, QM.Q4_0).nbytes == 64 * 8 // 32 * 18
+  assert quant.quantize(x, QM.Q4_0_TRANSPOSE).nbytes == 64 * 8 // 32 * 18
+  big = jnp.ones((4, 256, 96), jnp.float32)
+  assert quant.quantize(big, QM.Q4_0_TRANSPOSE).nbytes * 32 == big.size * 18
+
+
+# ----------------------------------------------------------------------------
+# Errors.
+
+
+def test_q4_0_block_axis_not_multiple_of_32():
+  with pytest.raises(ValueError, match=r'axis -1.*length 40'):
+    quant.simulate_quantize(jnp.ones((64, 40)), QM.Q4_0)
+  with pytest.raises(ValueError, match=r'axis -2.*length 40'):
+    quant.simulate_quantize(jnp.ones((40, 64)), QM.Q4_0_TRANSPOSE)
+  with pytest.raises(ValueError, match=r'axis -1.*length 40'):
+    quant.quantize(jnp.ones((2, 40)), 'q4_0')
+  with pytest.raises(ValueError, match='at least 2'):
+    quant.quantize(jnp.ones((64,)), 'q4_0_transpose')
+
+
+@pytest.mark.parametrize('dtype', [jnp.int32, jnp.int8, jnp.bool_, jnp.uint8])
+def test_non_float_input(dtype):
+  x = jnp.ones((64, 32), dtype)
+  with pytest.raises(ValueError, match=r'`x`.*float'):
+    quant.simulate_quantize(x, QM.INT4)
+  with pytest.raises(ValueError, match=r'`x`.*float'):
+    quant.quantize(x, QM.Q4_0)
+
+
+def test_axis_to_reduce_validation():
+  x = jnp.ones((4, 5, 6))
+  with pytest.raises(ValueError, match=r'axis_to_reduce.*3.*\[-3, 2\]'):
+    quant.simulate_quantize(x, QM.INT8, axis_to_reduce=3)
+  with pytest.raises(ValueError, match='axis_to_reduce'):
+    quant.simulate_quantize(x, QM.SFP8, axis_to_reduce=(0, -4))
+  with pytest.raises(ValueError, match='twice'):
+    quant.quantize(x, QM.INT4, axis_to_reduce=(1, -2))
+  with pytest.raises(TypeError, match='axis_to_reduce'):
+    quant.simulate_quantize(x, QM.INT4, axis_to_reduce='rows')
+
+
+@pytest.mark.parametrize('method', [QM.SFP8, QM.NONE, 'sfp8'])
+def test_quantize_rejects_simulation_only_methods(method):
+  with pytest.raises(ValueError, match='int4, int8, q4_0 and q4_0_transpose'):
+    quant.quantize(jnp.ones((32, 4)), method)
+
+
+def test_to_ggml_bytes_needs_q4_0():
+  with pytest.raises(ValueError, match='Q4_0'):
+    quant.to_ggml_bytes(quant.quantize(jnp.ones((32, 4)), QM.INT4))
+
+
+# ----------------------------------------------------------------------------
+# Properties (hypothesis).
+
+_FLOATS = st.floats(
+    min_value=-1e4, max_value=1e4, width=32, allow_subnormal=False
+)
+
+
+def _no_tiny(x):
+  """Zeroes |x| < 1e-30: XLA on CPU flushes float32 subnormals to zero, so
+  scales or products below ~1e-38 would differ from numpy's."""
+  return np.where(np.abs(x) < 1e-30, np.float32(0), x).astype(np.float32)
+
+
+def _arrays(shapes):
+  return st.sampled_from(shapes).flatmap(
+      lambda shape: hnp.arrays(np.float32, shape, elements=_FLOATS)
+  )
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    x=_arrays([(8, 4), (3, 5, 2), (16,)]),
+    method=st.sampled_from([QM.INT4, QM.INT8]),
+)
+def test_property_int_error_bound(x, method):
+  x = _no_tiny(x)
+  bits = 4 if method == QM.INT4 else 8
+  out = _simulate_np(x, method)
+  axes = _default_axes(x.ndim)
+  amax = np.abs(x).max(axis=axes, keepdims=True).astype(np.float64)
+  safe_amax = np.where(amax == 0, 1.0, amax)
+  scale = np.where(amax == 0, 1.0, (2 ** (bits - 1) - 1) / safe_amax)
+  err = np.abs(x.astype(np.float64) - out.astype(np.float64))
+  # Half a step, plus float32 rounding of w * scale and q / scale.
+  assert (err <= 0.5 / scale * (1 + 1e-6) + 1e-6 * np.abs(x)).all()
+  assert_bit_equal(out, ref_int(x, bits, axes))
+  assert_bit_equal(quant.dequantize(quant.quantize(x, method)), out)
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=_arrays([(2, 32), (1, 64), (3, 2, 32)]))
+def test_property_q4_0_error_bound_and_round_trip(x):
+  x = _no_tiny(x)
+  out = _simulate_np(x, QM.Q4_0)
+  blocks = x.reshape(-1, 32).astype(np.float64)
+  m = blocks[np.arange(len(blocks)), np.abs(blocks).argmax(-1)][:, None]
+  d = m / -8
+  d16 = d.astype(np.float16).astype(np.float64)
+  err = np.abs(blocks - out.reshape(-1, 32))
+  with np.errstate(divide='ignore', invalid='ignore'):
+    inside = np.where(d != 0, blocks / d, 0) <= 7.5  # codes 0..15 reach 7.5 d
+  bound = np.abs(d) / 2 * (1 + 1e-6) + 8 * np.abs(d - d16)
+  bound = np.broadcast_to(bound, err.shape)
+  assert (err[inside] <= bound[inside]).all()
+  assert_bit_equal(out, ref_q4_0(x))
+  qa = quant.quantize(x, QM.Q4_0)
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(qa), gguf_quants.quantize(x, Q4_0)
+  )
+  assert_bit_equal(quant.dequantize(qa), out)
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=_arrays([(64, 2), (32, 3)]))
+def test_property_q4_0_transpose_round_trip(x):
+  x = _no_tiny(x)
+  qa = quant.quantize(x, QM.Q4_0_TRANSPOSE)
+  assert qa.nbytes == x.size // 32 * 18
+  assert_bit_equal(quant.dequantize(qa), _simulate_np(x, QM.Q4_0_TRANSPOSE))
+  assert_bit_equal(
+      np.asarray(quant.dequantize(qa)).T, ref_q4_0(np.ascontiguousarray(x.T))
+  )
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=_arrays([(8, 3), (4, 2, 2)]))
+def test_property_sfp8(x):
+  x = _no_tiny(x)
+  out = _simulate_np(x, QM.SFP8)
+  assert_bit_equal(out, ref_sfp8(x, _default_axes(x.ndim)))
+  assert np.isfinite(out).all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(codes=hnp.arrays(np.uint8, (3, 32), elements=st.integers(0, 15)))
+def test_property_nibble_round_trip(codes):
+  np.testing.assert_array_equal(
+      np.asarray(quant.unpack_q4_0(quant.pack_q4_0(codes))), codes
+  )
+
+
+def test_vmap_matches_per_slice():
+  x = _rng(17).standard_normal((3, 64, 32)).astype(np.float32)
+  x[1, 0, 3], x[1, 0, 9] = 5.0, -5.0  # a tie: the batched cond becomes a select
+  for method in [QM.INT4, QM.Q4_0, QM.Q4_0_TRANSPOSE, QM.SFP8]:
+    batched = jax.vmap(lambda a, m=method: quant.simulate_quantize(a, m))(x)
+    for i in range(3):
+      assert_bit_equal(batched[i], quant.simulate_quantize(x[i], method))
