@@ -404,10 +404,10 @@ class LoRAEinsumAdapter(_AdapterBase):
   Args:
     einsum_str: the wrapped layer's `'inputs,weights->outputs'` string.
     kernel_shape: the per-layer kernel shape (without stacking axes).
-    rank, alpha, use_rslora, leading_shape, a_init, b_init, dtype,
-    param_dtype, precision, dropout, kernel_sharding, sharding_meta, rngs:
-      as in `LoRALinearAdapter`; initializers see the flattened 2-D shape
-      `(prod(contracted), rank)` / `(rank, prod(output axes))` per batch slice.
+
+  The other arguments are those of `LoRALinearAdapter`; the initializers see
+  the flattened 2-D shapes `(prod(contracted), rank)` and
+  `(rank, prod(output axes))` per batch slice.
 
   Raises:
     ValueError: for einsum strings `peft.einsum.lora_einsum` rejects.
@@ -487,10 +487,9 @@ class LoRALinearGeneralAdapter(_AdapterBase):
     axis: int or tuple, the input axes contracted (as in `nnx.LinearGeneral`).
     batch_axis: mapping from leading input axes to sizes shared with the
       kernel (as in `nnx.LinearGeneral`).
-    rank, alpha, use_rslora, leading_shape, a_init, b_init, dtype,
-    param_dtype, precision, dropout, kernel_sharding, sharding_meta, rngs:
-      as in `LoRALinearAdapter`; initializers see `(prod(I), rank)` and
-      `(rank, prod(O))` per batch slice.
+
+  The other arguments are those of `LoRALinearAdapter`; the initializers see
+  `(prod(I), rank)` and `(rank, prod(O))` per batch slice.
   """
 
   def __init__(
