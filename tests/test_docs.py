@@ -36,4 +36,6 @@ def test_page_examples_run(page, tmp_path, monkeypatch):
 
 def test_every_page_has_runnable_examples():
   for page in _PAGES[1:]:
+    if page.name == 'api.md':  # generated from the docstrings (doctested)
+      continue
     assert _blocks(page), f'{page.name} has no python example'
