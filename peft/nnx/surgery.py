@@ -61,6 +61,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft.nnx.visual import format_bytes
+
 __all__ = [
     'Path',
     'Selector',
@@ -1066,14 +1068,6 @@ def _value_counts(value: Any, qarray_type) -> tuple[int, int]:
   return elems, nbytes
 
 
-def _human_bytes(n: float) -> str:
-  for unit in ('B', 'KiB', 'MiB', 'GiB'):
-    if abs(n) < 1024 or unit == 'GiB':
-      return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.2f} {unit}'
-    n /= 1024
-  return f'{n:.2f} GiB'
-
-
 @dataclasses.dataclass(frozen=True)
 class ParamSummary:
   """Parameter counts and real storage of a model (see `summary`).
@@ -1119,12 +1113,12 @@ class ParamSummary:
     ]
     lines = [f'{"":<18}{"params":>14}{"bytes":>14}']
     for name, n, b in rows:
-      lines.append(f'{name:<18}{n:>14,}{_human_bytes(b):>14}')
+      lines.append(f'{name:<18}{n:>14,}{format_bytes(b):>14}')
     lines.append(f'trainable fraction: {100 * self.trainable_fraction:.3f}%')
     if self.other:
       lines.append(
           f'non-parameter variables: {self.other:,} values,'
-          f' {_human_bytes(self.other_bytes)}'
+          f' {format_bytes(self.other_bytes)}'
       )
     if self.layers:
       lines.append(

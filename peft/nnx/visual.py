@@ -58,7 +58,8 @@ def _fmt_int(n: int) -> str:
   return f'{n:,}'
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+  """Formats a byte count with binary units, e.g. `format_bytes(9216) == '9.00 KiB'`."""
   for unit in ('B', 'KiB', 'MiB', 'GiB'):
     if abs(n) < 1024 or unit == 'GiB':
       return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.2f} {unit}'
@@ -257,8 +258,8 @@ def _node(self, header: list[Any], annotation: str | None, names, path,
 
 def _base_note(counts: dict[str, list[int]]) -> str:
   t, f = counts['trainable'], counts['frozen']
-  return (f'  # trainable {_fmt_int(t[0])} ({_fmt_bytes(t[1])}) · frozen '
-          f'{_fmt_int(f[0])} ({_fmt_bytes(f[1])})')
+  return (f'  # trainable {_fmt_int(t[0])} ({format_bytes(t[1])}) · frozen '
+          f'{_fmt_int(f[0])} ({format_bytes(f[1])})')
 
 
 # --------------------------------------------------------------------------
@@ -334,7 +335,7 @@ def adapter_treescope_repr(self, path, subtree_renderer):
   )]
   names = _attr_names(self, ('a', 'b', 'scale'))
   marks = {'a': _trainable_mark(), 'b': _trainable_mark()}
-  note = f'  # trainable LoRAParam: {_fmt_int(n)} ({_fmt_bytes(nbytes)})'
+  note = f'  # trainable LoRAParam: {_fmt_int(n)} ({format_bytes(nbytes)})'
   return _node(self, header, note, names, path, subtree_renderer,
                color=_TRAINABLE_COLOR, marks=marks,
                collapsed=f'trainable {_fmt_int(n)}')
@@ -357,7 +358,7 @@ def simulated_treescope_repr(self, path, subtree_renderer):
   total = c['trainable'][0] + c['frozen'][0]
   note = (f'  # QAT: forward uses {method} weights (straight-through grads);'
           f' stored as float, {_fmt_int(total)} params '
-          f'({_fmt_bytes(c["trainable"][1] + c["frozen"][1])})')
+          f'({format_bytes(c["trainable"][1] + c["frozen"][1])})')
   names = _attr_names(self, ('wrapped', 'method'))
   return _node(self, header, note, names, path, subtree_renderer,
                color=_SIM_COLOR, collapsed='QAT')
@@ -384,9 +385,9 @@ def quantized_treescope_repr(self, path, subtree_renderer):
   nbytes = int(getattr(q, 'nbytes', 0) or 0)
   header = [rp.text(f'(method={method}, {_geometry(self, shape)})')]
   if n:
-    note = (f'  # {_fmt_bytes(nbytes)} real, {8 * nbytes / n:.2f} bits/weight'
-            f' for {_fmt_int(n)} weights (float32: {_fmt_bytes(4 * n)})')
-    collapsed = f'{_fmt_bytes(nbytes)}, {8 * nbytes / n:.2f} bits/weight'
+    note = (f'  # {format_bytes(nbytes)} real, {8 * nbytes / n:.2f} bits/weight'
+            f' for {_fmt_int(n)} weights (float32: {format_bytes(4 * n)})')
+    collapsed = f'{format_bytes(nbytes)}, {8 * nbytes / n:.2f} bits/weight'
   else:
     note, collapsed = None, '…'
   names = _attr_names(self, ('weight', 'bias', 'method'))
