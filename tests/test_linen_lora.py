@@ -1,5 +1,6 @@
 """Tests of peft/linen/lora.py: layouts, outputs vs dense references, training."""
 
+import re
 import threading
 
 import flax.linen as nn
@@ -337,3 +338,197 @@ def test_threads_match_sequential():
     jax.tree.map(np.testing.assert_array_equal, v_s, v_t)
     np.testing.assert_array_equal(y_s, y_t)
   assert sequential[3][0]['params']['Dense_0']['lora']['a'].shape == (4, 4)
+
+
+# ---------------------------------------------------------------------------
+# Sharding metadata: a and b are boxed like the wrapped kernel. Expected
+# names are written out by hand: a = input-axis names + None (rank),
+# b = None (rank) + output-axis names, batch axes keep their names in both.
+
+
+def _partitioned(names, logical=False):
+  init = nn.initializers.lecun_normal()
+  if logical:
+    return nn.with_logical_partitioning(init, names)
+  return nn.with_partitioning(init, names)
+
+
+def _specs(variables):
+  return jax.tree.map(tuple, nn.get_partition_spec(variables)['params'],
+                      is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+
+
+_SHARDED_CASES = {
+    'dense': (
+        lambda: LoRADense(rank=2, wrapped=nn.Dense(
+            6, kernel_init=_partitioned(('data', 'model')))),
+        (5, 4), ('data', None), (None, 'model')),
+    'einsum': (
+        lambda: LoRAEinsum(rank=2, wrapped=nn.Einsum(
+            shape=(4, 3, 2), einsum_str='btd,dhk->bthk', use_bias=False,
+            kernel_init=_partitioned(('data', 'model', None)))),
+        (5, 7, 4), ('data', None), (None, 'model', None)),
+    'einsum_contract_two': (
+        lambda: LoRAEinsum(rank=2, wrapped=nn.Einsum(
+            shape=(3, 2, 4), einsum_str='bthk,hkd->btd', use_bias=False,
+            kernel_init=_partitioned(('model', None, 'data')))),
+        (5, 7, 3, 2), ('model', None, None), (None, 'data')),
+    'einsum_batch_axis': (
+        lambda: LoRAEinsum(rank=2, wrapped=nn.Einsum(
+            shape=(3, 4, 6), einsum_str='ebd,edf->ebf', use_bias=False,
+            kernel_init=_partitioned(('expert', 'data', 'model')))),
+        (3, 5, 4), ('expert', 'data', None), ('expert', None, 'model')),
+    'dense_general_batch_dims': (
+        lambda: LoRADenseGeneral(rank=2, wrapped=nn.DenseGeneral(
+            (2, 3), axis=-1, batch_dims=(0,),
+            kernel_init=_partitioned(('expert', 'data', 'model', None)))),
+        (3, 5, 4), ('expert', 'data', None), ('expert', None, 'model', None)),
+}
+
+
+@pytest.mark.parametrize('case', sorted(_SHARDED_CASES))
+def test_factors_boxed_with_kernel_names(case):
+  make, x_shape, a_names, b_names = _SHARDED_CASES[case]
+  variables = make().init(jax.random.key(0), jnp.ones(x_shape))
+  lora = variables['params']['lora']
+  assert isinstance(lora['a'], nn.Partitioned)
+  assert isinstance(lora['b'], nn.Partitioned)
+  specs = _specs(variables)
+  assert specs['lora'] == {'a': a_names, 'b': b_names}
+  # Same layout as without boxes: kernel (+ bias) and lora/{a, b} side by side.
+  assert 'kernel' in variables['params']
+
+
+def test_unboxed_kernel_gives_plain_factors():
+  variables = LoRADense(rank=2, wrapped=nn.Dense(6)).init(
+      jax.random.key(0), jnp.ones((5, 4)))
+  leaves = jax.tree.leaves(variables, is_leaf=lambda x: isinstance(
+      x, nn.meta.AxisMetadata))
+  assert not any(isinstance(l, nn.meta.AxisMetadata) for l in leaves)
+  assert jax.tree.map(jnp.shape, variables['params']) == {
+      'kernel': (4, 6), 'bias': (6,), 'lora': {'a': (4, 2), 'b': (2, 6)}}
+
+
+def test_boxed_document_layout_in_a_model():
+  class M(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return LoRADense(rank=3, wrapped=nn.Dense(
+          5, kernel_init=_partitioned(('embed', 'mlp'))))(x)
+
+  variables = M().init(jax.random.key(0), jnp.ones((2, 4)))
+  params = nn.unbox(variables['params'])
+  assert jax.tree.map(jnp.shape, params) == {'Dense_0': {
+      'kernel': (4, 5), 'bias': (5,), 'lora': {'a': (4, 3), 'b': (3, 5)}}}
+  assert _specs(variables)['Dense_0']['lora'] == {
+      'a': ('embed', None), 'b': (None, 'mlp')}
+
+
+def test_logically_partitioned_kernel_keeps_box_class_and_rules():
+  rules = (('embed', 'data'), ('mlp', 'model'))
+  init = nn.with_logical_partitioning(nn.initializers.lecun_normal(),
+                                      ('embed', 'mlp'), rules=rules)
+  layer = LoRADense(rank=2, wrapped=nn.Dense(6, kernel_init=init))
+  params = layer.init(jax.random.key(0), jnp.ones((1, 4)))['params']
+  for name, names in [('a', ('embed', None)), ('b', (None, 'mlp'))]:
+    box = params['lora'][name]
+    assert type(box) is nn.LogicallyPartitioned
+    assert tuple(box.names) == names
+    assert box.rules == rules
+
+
+def test_boxed_params_apply_matches_reference():
+  layer = LoRADense(rank=2, alpha=4.0, wrapped=nn.Dense(
+      6, kernel_init=_partitioned(('data', 'model'))))
+  variables = layer.init(jax.random.key(0), _X)
+  # Non-zero b, still boxed.
+  variables = jax.tree.map(
+      lambda x: x + 0.25, variables)
+  p = jax.tree.map(lambda a: np.asarray(a, np.float64),
+                   nn.unbox(variables['params']))
+  x = np.asarray(_X, np.float64)
+  ref = (x @ p['kernel'] + p['bias']
+         + 2.0 * x @ p['lora']['a'] @ p['lora']['b'])
+  np.testing.assert_allclose(layer.apply(variables, _X), ref, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(layer.apply(nn.unbox(variables), _X), ref,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_factors_boxed_inside_nn_scan():
+  class Block(nn.Module):
+
+    @nn.compact
+    def __call__(self, x, _):
+      y = LoRADense(rank=2, wrapped=nn.Dense(
+          4, kernel_init=_partitioned(('data', 'model'))))(x)
+      return y, None
+
+  stack = nn.scan(Block, variable_axes={'params': 0},
+                  split_rngs={'params': True}, length=3,
+                  metadata_params={nn.PARTITION_NAME: 'layers'})
+  variables = stack().init(jax.random.key(0), _X, None)
+  specs = _specs(variables)['Dense_0']
+  assert specs['lora'] == {'a': ('layers', 'data', None),
+                           'b': ('layers', None, 'model')}
+  assert jax.tree.map(jnp.shape, nn.unbox(variables))['params']['Dense_0'][
+      'lora'] == {'a': (3, 4, 2), 'b': (3, 2, 4)}
+
+
+def test_adapter_kernel_sharding_argument():
+  ad = LoRADenseAdapter(rank=2, features=6, kernel_sharding=('data', 'model'))
+  variables = ad.init(jax.random.key(0), _X)
+  assert _specs(variables) == {'a': ('data', None), 'b': (None, 'model')}
+  ad = LoRAEinsumAdapter(rank=2, einsum_str='bi,imn->bmn', shape=(4, 2, 3),
+                         kernel_sharding=(None, 'model', 'data'))
+  assert _specs(ad.init(jax.random.key(0), _X)) == {
+      'a': (None, None), 'b': (None, 'model', 'data')}
+  ad = LoRADenseGeneralAdapter(rank=2, features=(2, 3),
+                               kernel_sharding=('data', None, 'model'))
+  assert _specs(ad.init(jax.random.key(0), _X)) == {
+      'a': ('data', None), 'b': (None, None, 'model')}
+  with pytest.raises(TypeError, match='kernel_sharding'):
+    LoRADenseAdapter(rank=2, features=6, kernel_sharding='data').init(
+        jax.random.key(0), _X)
+  with pytest.raises(ValueError, match='sharding names'):
+    LoRADenseAdapter(rank=2, features=6, kernel_sharding=('data',)).init(
+        jax.random.key(0), _X)
+
+
+def test_qlora_factors_named_after_float_kernel():
+  from peft.linen.quantized import Int4Dense  # pylint: disable=g-import-not-at-top
+  for method in ('int4', 'q4_0', 'q4_0_transpose'):
+    layer = LoRADense(rank=2, wrapped=Int4Dense(method=method, wrapped=nn.Dense(
+        64, kernel_init=_partitioned(('data', 'model')))))
+    variables = layer.init(jax.random.key(0), jnp.ones((1, 64)))
+    assert _specs(variables)['lora'] == {
+        'a': ('data', None), 'b': (None, 'model')}, method
+
+
+# ---------------------------------------------------------------------------
+# Params of another rank / size: a ValueError naming the param.
+
+
+@pytest.mark.parametrize('factor,shape', [('a', (4, 5)), ('b', (5, 3)),
+                                          ('b', (2, 7))])
+def test_apply_with_wrong_factor_shape_names_param(factor, shape):
+  layer = LoRADense(rank=2, wrapped=nn.Dense(3))
+  params = jax.tree.map(lambda x: x, layer.init(jax.random.key(0), _X)[
+      'params'])
+  expected = {'a': (4, 2), 'b': (2, 3)}[factor]
+  params['lora'][factor] = jnp.ones(shape)
+  message = (f'lora/{factor} has shape {shape}, but this layer with rank=2'
+             f' expects {expected}')
+  with pytest.raises(ValueError, match=re.escape(message)):
+    layer.apply({'params': params}, _X)
+  with pytest.raises(ValueError, match=re.escape(message)):
+    layer.apply({'params': params}, _X, mutable=['params'])
+
+
+def test_einsum_apply_with_other_rank_names_param():
+  with ModuleInterceptor(_to_lora(rank=3)):
+    variables = _Model().init(jax.random.key(0), _X)
+  with pytest.raises(ValueError,
+                     match=re.escape("Dense_0/lora/a has shape (4, 3)")):
+    _apply(variables, rank=2)

@@ -236,3 +236,112 @@ def test_errors():
   q8 = quantize_checkpoint(float_params['params'], 'int8')
   with pytest.raises(ValueError, match='int4'):
     Int4Dense(wrapped=nn.Dense(32)).apply({'params': q8}, x)
+
+
+# ---------------------------------------------------------------------------
+# Partitioning metadata: boxed kernels give boxed storage. Expected names are
+# written out by hand from the storage layouts of peft.quantization.
+
+
+def _boxed_dense_params(names=('data', 'model'), shape=(64, 64), mesh=None):
+  w = jax.random.normal(jax.random.key(3), shape)
+  return {'kernel': nn.Partitioned(w, names, mesh=mesh),
+          'bias': jnp.zeros(shape[-1])}
+
+
+def _names(tree):
+  return jax.tree.map(
+      lambda b: tuple(b.names) if isinstance(b, nn.Partitioned) else None,
+      tree, is_leaf=lambda b: isinstance(b, nn.Partitioned))
+
+
+@pytest.mark.parametrize('method,kernel_names,scale_names', [
+    ('int4', ('data', 'model'), (None, 'model')),
+    ('int8', ('data', 'model'), (None, 'model')),
+    # values (K, N // 32, 16), scale (K, N // 32)
+    ('q4_0', ('data', 'model', None), ('data', 'model')),
+    # values (N, K // 32, 16), scale (N, K // 32)
+    ('q4_0_transpose', ('model', 'data', None), ('model', 'data')),
+])
+def test_quantize_checkpoint_boxes_storage_like_kernel(method, kernel_names,
+                                                       scale_names):
+  params = _boxed_dense_params()
+  q = quantize_checkpoint({'layer': params}, method=method)
+  assert _names(q) == {'layer': {'kernel': kernel_names, 'scale': scale_names,
+                                 'bias': None}}
+  specs = nn.get_partition_spec(q)['layer']
+  assert tuple(specs['kernel']) == kernel_names
+  assert tuple(specs['scale']) == scale_names
+  # Same arrays as quantizing the plain kernel; the input is not modified.
+  plain = quantize_checkpoint({'layer': nn.unbox(params)}, method=method)
+  jax.tree.map(np.testing.assert_array_equal, nn.unbox(q), plain)
+  assert isinstance(params['kernel'], nn.Partitioned)
+  assert 'scale' not in params
+
+
+def test_quantize_checkpoint_stacked_kernel_and_box_class():
+  rules = (('layers', None), ('embed', 'data'), ('mlp', 'model'))
+  w = jax.random.normal(jax.random.key(3), (2, 64, 64))
+  box = nn.LogicallyPartitioned(w, ('layers', 'embed', 'mlp'), rules=rules)
+  for method, want_k, want_s in [
+      ('int4', ('layers', 'embed', 'mlp'), (None, None, 'mlp')),
+      ('q4_0', ('layers', 'embed', 'mlp', None), ('layers', 'embed', 'mlp')),
+  ]:
+    q = quantize_checkpoint({'kernel': box}, method=method)
+    assert type(q['kernel']) is nn.LogicallyPartitioned
+    assert q['scale'].rules == rules
+    assert _names(q) == {'kernel': want_k, 'scale': want_s}
+
+
+@pytest.mark.parametrize('model_size,block_name', [(2, 'model'), (4, None)])
+def test_q4_0_block_axis_named_only_when_mesh_divides_blocks(model_size,
+                                                             block_name):
+  # (64, 64) kernel: 64 // 32 = 2 blocks along the output axis; a 'model'
+  # axis of 4 devices cannot split 2 blocks, one of 2 devices can.
+  mesh = jax.sharding.AbstractMesh((1, model_size), ('data', 'model'))
+  q = quantize_checkpoint(_boxed_dense_params(mesh=mesh), method='q4_0')
+  assert _names(q)['kernel'] == ('data', block_name, None)
+  assert _names(q)['scale'] == ('data', block_name)
+  assert q['kernel'].mesh is mesh
+
+
+def test_unboxed_checkpoint_stays_unboxed():
+  params = nn.unbox(_boxed_dense_params())
+  q = quantize_checkpoint(params, method='q4_0')
+  assert not any(isinstance(l, nn.meta.AxisMetadata) for l in jax.tree.leaves(
+      q, is_leaf=lambda l: isinstance(l, nn.meta.AxisMetadata)))
+
+
+@pytest.mark.parametrize('method', ['int4', 'q4_0'])
+def test_int4_dense_init_boxes_and_reads_boxed_storage(method):
+  layer = Int4Dense(method=method, wrapped=nn.Dense(
+      64, kernel_init=nn.with_partitioning(nn.initializers.lecun_normal(),
+                                           ('data', 'model'))))
+  variables = layer.init(jax.random.key(0), _X)
+  want = {'int4': (('data', 'model'), (None, 'model')),
+          'q4_0': (('data', 'model', None), ('data', 'model'))}[method]
+  names = _names(variables['params'])
+  assert (names['kernel'], names['scale']) == want
+  # Boxed and unboxed params give the same output, equal to a numpy
+  # dequantization of the stored arrays (int4: values / scale).
+  y_boxed = layer.apply(variables, _X)
+  y_plain = layer.apply(nn.unbox(variables), _X)
+  np.testing.assert_array_equal(y_boxed, y_plain)
+  p = nn.unbox(variables['params'])
+  if method == 'int4':
+    w = np.asarray(p['kernel'], np.float32) / np.asarray(p['scale'])
+    ref = np.asarray(_X) @ w + np.asarray(p['bias'])
+    np.testing.assert_allclose(y_boxed, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int4_einsum_reads_boxed_checkpoint():
+  einsum = nn.Einsum(shape=(64, 32), einsum_str='bd,df->bf', use_bias=False,
+                     kernel_init=nn.with_partitioning(
+                         nn.initializers.lecun_normal(), ('data', 'model')))
+  boxed = einsum.init(jax.random.key(0), _X)['params']
+  q = quantize_checkpoint(boxed, method='int8')
+  y = Int4Einsum(wrapped=einsum, method='int8').apply({'params': q}, _X)
+  _, values, scale = _np_int(nn.unbox(boxed)['kernel'], 8)
+  np.testing.assert_array_equal(np.asarray(nn.unbox(q)['kernel']), values)
+  ref = np.asarray(_X) @ (values / scale)
+  np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)

@@ -46,6 +46,13 @@ def _install(fn: Callable[..., Any]) -> Iterator[None]:
   asserting it is on top, so blocks opened by interleaved asyncio tasks of one
   thread may close in any order (each `fn` checks its own contextvars and is
   a no-op outside its own task's block).
+
+  This touches flax's private `_global_interceptor_stack._storage` on
+  purpose: the public `nn.intercept_methods` pops on exit and asserts the
+  popped function is its own, which fails (AssertionError) when two asyncio
+  tasks of one thread close their blocks out of order (flax 0.12.8; see
+  tests/test_linen_interceptor.py::test_asyncio_tasks). Flax versions
+  without that list storage fall back to `nn.intercept_methods`.
   """
   stack = getattr(nn.module, '_global_interceptor_stack', None)
   if not isinstance(getattr(stack, '_storage', None), list):

@@ -9,6 +9,11 @@ and `nn.share_scope`, so the parameter layout is the document's:
 
 all in the `params` collection. The LoRA scale (`alpha / rank`) is a constant
 rebuilt from the constructor arguments; it is not stored in the variables.
+When the wrapped kernel is boxed (`nn.with_partitioning`), `a` and `b` are
+boxed too, with the names `peft.nnx.lora` derives from the kernel's (`a`:
+input axes + None, `b`: None + output axes), so `nn.get_partition_spec`
+shards them like the kernel. Params whose factor shapes do not match the
+layer (e.g. another rank) raise a ValueError naming the param.
 
 Examples:
   >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -68,7 +73,20 @@ class _ParamsToLinen(bridge.ToLinen):
   (the document's layout) and `LoRAScale` is not stored: `ToLinen` rebuilds
   the NNX module from its constructor arguments on every call, which restores
   the scale.
+
+  `box`: optional `nn.Partitioned` template (value unused). Params whose NNX
+  metadata carries `out_sharding` names (the adapter was given
+  `kernel_sharding`) are stored as `box.replace(value=v, names=names)`, so
+  they keep the wrapped kernel's box class, mesh and rules.
   """
+
+  box: Any = None
+
+  def _to_linen(self, leaf):
+    names = leaf.get_metadata().get('out_sharding')
+    if self.box is not None and names is not None:
+      return self.box.replace(value=leaf.get_value(), names=tuple(names))
+    return self.metadata_fn(leaf) if self.metadata_fn else leaf.get_value()
 
   def _update_variables(self, module):
     groups: dict[str, list[tuple[tuple[Any, ...], Any]]] = {}
@@ -86,35 +104,93 @@ class _ParamsToLinen(bridge.ToLinen):
       if not self.is_mutable_collection(collection):
         continue
       tree = nnx.traversals.unflatten_mapping(
-          {
-              path: (self.metadata_fn(leaf) if self.metadata_fn
-                     else leaf.get_value())
-              for path, leaf in flat
-          }
+          {path: self._to_linen(leaf) for path, leaf in flat}
       )
       for key, value in tree.items():
         self.put_variable(collection, key, value)
 
 
-def _run_adapter(module: nn.Module, nnx_class, args, kwargs, inputs, **call):
-  """Runs NNX `nnx_class(*args, **kwargs)` on `inputs` in `module`'s own scope."""
-  if (
-      not module.is_initializing()
-      and not module.is_mutable_collection('params')
-  ):
-    missing = [n for n in _FACTORS if not module.has_variable('params', n)]
-    if missing:
-      path = '/'.join(module.scope.path) or '<root>'
+def _unboxed(x):
+  """The array inside a linen metadata box (no sharding constraint applied)."""
+  if isinstance(x, nn.Partitioned):
+    return x.unbox(apply_constraint=False)
+  if isinstance(x, nn.meta.AxisMetadata):
+    return x.unbox()
+  return x
+
+
+def _factor_box(kernel_sharding) -> nn.Partitioned | None:
+  """The `nn.Partitioned` template the factors are boxed in (or None)."""
+  if kernel_sharding is None:
+    return None
+  if isinstance(kernel_sharding, nn.Partitioned):
+    return kernel_sharding.replace(value=None)
+  if isinstance(kernel_sharding, str) or not isinstance(
+      kernel_sharding, Sequence):
+    raise TypeError(
+        'kernel_sharding must be the wrapped kernel\'s sharding names (a'
+        " sequence such as ('data', 'model')), an nn.Partitioned, or None;"
+        f' got {kernel_sharding!r}'
+    )
+  return nn.Partitioned(None, tuple(kernel_sharding))
+
+
+def _check_factor_shapes(module: nn.Module, nnx_class, args, kwargs) -> None:
+  """Raises a ValueError naming the param when a stored factor has another
+  shape than the adapter built from the constructor arguments expects (e.g.
+  params of another rank), instead of a shape error deep in the matmul."""
+  present = [n for n in _FACTORS if module.has_variable('params', n)]
+  if not present:
+    return
+  expected = nnx.eval_shape(
+      lambda: nnx_class(*args, **kwargs, rngs=nnx.Rngs(0))
+  )
+  path = '/'.join(module.scope.path) or '<root>'
+  for n in present:
+    want = tuple(getattr(expected, n).shape)
+    got = tuple(jnp.shape(_unboxed(module.get_variable('params', n))))
+    if got != want:
       raise ValueError(
-          f'{type(module).__name__} at {path!r}: the LoRA params'
-          f' {[f"{path}/{n}" for n in missing]} are missing from the'
-          " 'params' collection passed to apply (they would be silently"
-          ' re-initialised). Initialise the model with the LoRA wrappers'
-          ' (e.g. inside the same ModuleInterceptor), or add the LoRA tree'
-          ' with `peft.merge_params(original, lora)`.'
+          f'{type(module).__name__} at {path!r}: the LoRA param'
+          f' {path}/{n!s} has shape {got}, but this layer with'
+          f' rank={kwargs["rank"]} expects {want}. The params were made for'
+          ' another rank or layer size: build the wrapper with the rank the'
+          ' params were trained with, or re-initialise the LoRA params.'
       )
+
+
+def _run_adapter(module: nn.Module, nnx_class, args, kwargs, inputs, *,
+                 kernel_sharding=None, **call):
+  """Runs NNX `nnx_class(*args, **kwargs)` on `inputs` in `module`'s own scope.
+
+  With `kernel_sharding` (names or an `nn.Partitioned` of the wrapped kernel)
+  the NNX adapter derives the factors' names (`peft.nnx.lora`), and `a`, `b`
+  are stored boxed in `nn.Partitioned` with those names.
+  """
+  box = _factor_box(kernel_sharding)
+  kwargs = dict(kwargs)
+  if box is not None:
+    kwargs['kernel_sharding'] = tuple(box.names)
+    # Names as metadata only: linen places params (jit out_shardings from
+    # nn.get_partition_spec, or the box's constraint when unboxed).
+    kwargs['sharding_meta'] = FrozenDict({'eager_sharding': False})
+  if not module.is_initializing():
+    if not module.is_mutable_collection('params'):
+      missing = [n for n in _FACTORS if not module.has_variable('params', n)]
+      if missing:
+        path = '/'.join(module.scope.path) or '<root>'
+        raise ValueError(
+            f'{type(module).__name__} at {path!r}: the LoRA params'
+            f' {[f"{path}/{n}" for n in missing]} are missing from the'
+            " 'params' collection passed to apply (they would be silently"
+            ' re-initialised). Initialise the model with the LoRA wrappers'
+            ' (e.g. inside the same ModuleInterceptor), or add the LoRA tree'
+            ' with `peft.merge_params(original, lora)`.'
+        )
+    _check_factor_shapes(module, nnx_class, args, kwargs)
   child = _ParamsToLinen(
-      nnx_class, args=tuple(args), kwargs=FrozenDict(kwargs), name='bridge'
+      nnx_class, args=tuple(args), kwargs=FrozenDict(kwargs), box=box,
+      name='bridge'
   )
   nn.share_scope(module, child)
   return child(inputs, **call)
@@ -156,6 +232,26 @@ def _check_wrapped(owner: str, wrapped: Any, layer_type: type) -> None:
         ' LoRADense for nn.Dense, LoRAEinsum for nn.Einsum and'
         ' LoRADenseGeneral for nn.DenseGeneral.'
     )
+
+
+def _kernel_box(wrapper: nn.Module) -> nn.Partitioned | None:
+  """The wrapped kernel's `nn.Partitioned` box (value dropped), or None.
+
+  Read from the scope the wrapper shares with the wrapped layer, after the
+  layer ran. Under a peft int4 layer the stored `kernel` is the packed
+  storage; its names are mapped back to the float kernel's.
+  """
+  if not wrapper.has_variable('params', 'kernel'):
+    return None
+  box = wrapper.get_variable('params', 'kernel')
+  if not isinstance(box, nn.Partitioned):
+    return None
+  names = tuple(box.names)
+  layer, seen = wrapper.wrapped, 0
+  while getattr(layer, '_peft_wraps_layer', False) and seen < 8:
+    names = layer._peft_float_kernel_names(names)  # pylint: disable=protected-access
+    layer, seen = layer.wrapped, seen + 1
+  return box.replace(value=None, names=names)
 
 
 class _LoRAWrapper(nn.Module):
@@ -202,6 +298,13 @@ class LoRADenseAdapter(nn.Module):
     dtype: dtype of `a` and `b`.
     a_init: initializer of `a` (called with `(in, rank)`).
     b_init: initializer of `b` (called with `(rank, features)`).
+    kernel_sharding: optional sharding names of the wrapped kernel (e.g.
+      `('data', 'model')`), or its `nn.Partitioned` box (class, mesh and
+      rules are kept, the value is ignored). `a` and `b` are then stored in
+      `nn.Partitioned` boxes: `a` gets the kernel's input-axis names and
+      `None` for the rank, `b` `None` and the output-axis names (batch axes
+      keep their names in both). None (default): plain arrays. The
+      wrappers pass the wrapped kernel's box.
   """
 
   _: dataclasses.KW_ONLY
@@ -211,6 +314,7 @@ class LoRADenseAdapter(nn.Module):
   dtype: Any = jnp.float32
   a_init: Initializer = _A_INIT
   b_init: Initializer = _B_INIT
+  kernel_sharding: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -221,6 +325,7 @@ class LoRADenseAdapter(nn.Module):
         (inputs.shape[-1], self.features),
         _adapter_kwargs(self),
         inputs,
+        kernel_sharding=self.kernel_sharding,
     )
 
 
@@ -244,7 +349,8 @@ class LoRAEinsumAdapter(nn.Module):
     rank: LoRA rank, a positive int.
     einsum_str: the wrapped einsum string `'inputs,weights->outputs'`.
     shape: the wrapped weight's shape.
-    alpha, dtype, a_init, b_init: as in `LoRADenseAdapter`.
+    alpha, dtype, a_init, b_init, kernel_sharding: as in `LoRADenseAdapter`
+      (names of the weight's axes).
   """
 
   _: dataclasses.KW_ONLY
@@ -255,6 +361,7 @@ class LoRAEinsumAdapter(nn.Module):
   dtype: Any = jnp.float32
   a_init: Initializer = _A_INIT
   b_init: Initializer = _B_INIT
+  kernel_sharding: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -270,6 +377,7 @@ class LoRAEinsumAdapter(nn.Module):
         (self.einsum_str, tuple(int(d) for d in self.shape)),
         _adapter_kwargs(self),
         inputs,
+        kernel_sharding=self.kernel_sharding,
     )
 
 
@@ -305,7 +413,8 @@ class LoRADenseGeneralAdapter(nn.Module):
     features: int or tuple, the output feature sizes.
     axis: int or tuple, the input axes contracted.
     batch_dims: leading input axes shared with the kernel (consecutive from 0).
-    alpha, dtype, a_init, b_init: as in `LoRADenseAdapter`.
+    alpha, dtype, a_init, b_init, kernel_sharding: as in `LoRADenseAdapter`
+      (names of the `(*batch, *in, *features)` kernel axes).
   """
 
   _: dataclasses.KW_ONLY
@@ -317,6 +426,7 @@ class LoRADenseGeneralAdapter(nn.Module):
   dtype: Any = jnp.float32
   a_init: Initializer = _A_INIT
   b_init: Initializer = _B_INIT
+  kernel_sharding: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -338,6 +448,7 @@ class LoRADenseGeneralAdapter(nn.Module):
             **_adapter_kwargs(self),
         ),
         inputs,
+        kernel_sharding=self.kernel_sharding,
     )
 
 
@@ -351,7 +462,9 @@ class LoRADense(_LoRAWrapper):
 
   The wrapper shares the wrapped layer's scope: a wrapped `Dense_0` holds
   `{'kernel', 'bias', 'lora': {'a': [in, rank], 'b': [rank, features]}}`.
-  `b` starts at zero, so a fresh wrapper does not change the output.
+  `b` starts at zero, so a fresh wrapper does not change the output. A
+  kernel from `nn.with_partitioning(init, (in_name, out_name))` gives `a`
+  boxed `(in_name, None)` and `b` `(None, out_name)`.
 
   Examples:
     >>> import flax.linen as nn, jax, jax.numpy as jnp
@@ -389,6 +502,7 @@ class LoRADense(_LoRAWrapper):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
+    y = self.wrapped(inputs)
     adapter = LoRADenseAdapter(
         name='lora',
         rank=self.rank,
@@ -397,8 +511,9 @@ class LoRADense(_LoRAWrapper):
         dtype=self.dtype,
         a_init=self.a_init,
         b_init=self.b_init,
+        kernel_sharding=_kernel_box(self),
     )
-    return self.wrapped(inputs) + adapter(inputs)
+    return y + adapter(inputs)
 
 
 class LoRAEinsum(_LoRAWrapper):
@@ -441,6 +556,10 @@ class LoRAEinsum(_LoRAWrapper):
   def __call__(self, inputs: Array, einsum_str: str | None = None) -> Array:
     base = _base_layer(self.wrapped)
     einsum_str = nn.merge_param('einsum_str', base.einsum_str, einsum_str)
+    if base.einsum_str is None:
+      y = self.wrapped(inputs, einsum_str)
+    else:
+      y = self.wrapped(inputs)
     adapter = LoRAEinsumAdapter(
         name='lora',
         rank=self.rank,
@@ -450,11 +569,8 @@ class LoRAEinsum(_LoRAWrapper):
         dtype=self.dtype,
         a_init=self.a_init,
         b_init=self.b_init,
+        kernel_sharding=_kernel_box(self),
     )
-    if base.einsum_str is None:
-      y = self.wrapped(inputs, einsum_str)
-    else:
-      y = self.wrapped(inputs)
     return y + adapter(inputs)
 
 
@@ -495,6 +611,7 @@ class LoRADenseGeneral(_LoRAWrapper):
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     base = _base_layer(self.wrapped)
+    y = self.wrapped(inputs)
     adapter = LoRADenseGeneralAdapter(
         name='lora',
         rank=self.rank,
@@ -505,5 +622,6 @@ class LoRADenseGeneral(_LoRAWrapper):
         dtype=self.dtype,
         a_init=self.a_init,
         b_init=self.b_init,
+        kernel_sharding=_kernel_box(self),
     )
-    return self.wrapped(inputs) + adapter(inputs)
+    return y + adapter(inputs)

@@ -90,6 +90,98 @@ def _as_method(method: Any, what: str, packed: bool) -> QuantizationMethod:
   return method
 
 
+def _unboxed(x):
+  """The array inside a linen metadata box (no sharding constraint applied)."""
+  if isinstance(x, nn.Partitioned):
+    return x.unbox(apply_constraint=False)
+  if isinstance(x, nn.meta.AxisMetadata):
+    return x.unbox()
+  return x
+
+
+def _mesh_axis_size(name, mesh) -> int | None:
+  """Devices along the mesh axis (or axes) `name`; None when unknown."""
+  if mesh is None or name is None:
+    return None
+  axes = (name,) if isinstance(name, str) else tuple(name)
+  sizes = dict(mesh.shape)
+  if not all(isinstance(a, str) and a in sizes for a in axes):
+    return None  # e.g. logical names (nn.LogicallyPartitioned)
+  size = 1
+  for a in axes:
+    size *= int(sizes[a])
+  return size
+
+
+def _known_mesh(box: nn.Partitioned, value):
+  """The mesh the storage will be placed on, if it can be known here."""
+  if box.mesh is not None:
+    return box.mesh
+  sharding = getattr(value, 'sharding', None)
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    return sharding.mesh
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def _block_name(name, n_blocks: int, mesh):
+  """The block axis keeps the kernel axis' name if the mesh splits it evenly.
+
+  Sharding the `K // 32` blocks like the kernel's `K` axis keeps whole blocks
+  on each device; it only works when the mesh axis size divides the number
+  of blocks (unknown mesh: the name is kept).
+  """
+  size = _mesh_axis_size(name, mesh)
+  if size is not None and n_blocks % size:
+    return None
+  return name
+
+
+def _storage_names(names, method, kernel_shape, scale_shape, mesh):
+  """(values names, scale names) of the storage of a kernel named `names`.
+
+  INT4 / INT8: values take the kernel's names, the scale the same names
+  with None on its size-1 (reduced) axes. Q4_0 `(*lead, K // 32, 16)`:
+  `(*lead_names, K_name, None)`, scale `(*lead_names, K_name)`, the block
+  axis keeping `K_name` only when the mesh divides the block count.
+  Q4_0_TRANSPOSE `(*lead, N, K // 32, 16)`: `(*lead_names, N_name, K_name,
+  None)`, scale without the last None.
+  """
+  names = tuple(names)
+  if method == QuantizationMethod.Q4_0:
+    block = _block_name(names[-1], kernel_shape[-1] // 32, mesh)
+    scale = (*names[:-1], block)
+    return (*scale, None), scale
+  if method == QuantizationMethod.Q4_0_TRANSPOSE:
+    block = _block_name(names[-2], kernel_shape[-2] // 32, mesh)
+    scale = (*names[:-2], names[-1], block)
+    return (*scale, None), scale
+  scale = tuple(n if s == d else None
+                for n, s, d in zip(names, scale_shape, kernel_shape))
+  return names, scale
+
+
+def _float_names(values_names, method):
+  """The float kernel's names from those of its packed `values`."""
+  v = tuple(values_names)
+  if method == QuantizationMethod.Q4_0:
+    return v[:-1]
+  if method == QuantizationMethod.Q4_0_TRANSPOSE:
+    return (*v[:-3], v[-2], v[-3])
+  return v
+
+
+def _box_storage(box, qarray, kernel):
+  """`qarray`'s values and scale boxed like the kernel's `box`."""
+  if not isinstance(box, nn.Partitioned):
+    return qarray.values, qarray.scale
+  values_names, scale_names = _storage_names(
+      box.names, qarray.method, tuple(qarray.shape), tuple(qarray.scale.shape),
+      _known_mesh(box, kernel))
+  return (box.replace(value=qarray.values, names=values_names),
+          box.replace(value=qarray.scale, names=scale_names))
+
+
 def _quantize_tree(node: Mapping, method, path) -> Mapping:
   out = {}
   for key, value in node.items():
@@ -97,9 +189,9 @@ def _quantize_tree(node: Mapping, method, path) -> Mapping:
       out[key] = _quantize_tree(value, method, path + (key,))
     else:
       out[key] = value
-  kernel = node.get('kernel')
+  box = kernel = node.get('kernel')
   if isinstance(kernel, nn.meta.AxisMetadata):  # e.g. nn.Partitioned
-    kernel = kernel.unbox()
+    kernel = _unboxed(kernel)
   if kernel is not None and not isinstance(kernel, Mapping):
     where = _path_str(path + ('kernel',))
     if 'scale' in node:
@@ -119,8 +211,7 @@ def _quantize_tree(node: Mapping, method, path) -> Mapping:
       qarray = _q.quantize(jnp.asarray(kernel), method)
     except ValueError as e:
       raise ValueError(f'quantize_checkpoint: {where!r}: {e}') from e
-    out['kernel'] = qarray.values
-    out['scale'] = qarray.scale
+    out['kernel'], out['scale'] = _box_storage(box, qarray, kernel)
   if type(node) is dict:  # pylint: disable=unidiomatic-typecheck
     return out
   try:
@@ -146,8 +237,14 @@ def quantize_checkpoint(
     float16 `(*lead, K // 32)`. Q4_0_TRANSPOSE: blocks along axis -2.
 
   Other leaves (biases, norms, LoRA `a`/`b`) are untouched; the input is not
-  modified. A boxed kernel (`nn.Partitioned`) is unboxed first (the quantized
-  leaves are plain arrays). `Int4Dense` / `Int4Einsum` read the result.
+  modified. A kernel boxed in `nn.Partitioned` (`nn.with_partitioning`) gives
+  boxed `kernel` and `scale` of the same box class and mesh, so
+  `nn.get_partition_spec` shards the storage like the kernel: INT4 / INT8
+  values take the kernel's names and the scale `(None, ..., out_name)`; Q4_0
+  values `(*lead_names, K_name, None)` and scale `(*lead_names, K_name)`,
+  where the block axis keeps `K_name` only when the mesh (if known) divides
+  the number of blocks `K // 32` (Q4_0_TRANSPOSE: the same along axis -2).
+  `Int4Dense` / `Int4Einsum` read the result, boxed or not.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -278,6 +375,14 @@ class _QuantizedWrapper(nn.Module):
 
   # Lets LoRA wrappers find the float layer under a quantization wrapper.
   _peft_wraps_layer = True
+  # True when the params hold packed storage rather than the float kernel.
+  _peft_packed = False
+
+  def _peft_float_kernel_names(self, names):
+    """The float kernel's sharding names from those of the stored `kernel`."""
+    if not self._peft_packed:
+      return tuple(names)
+    return _float_names(names, self._method)
 
   def _setup_checks(self, layer_type: type, packed: bool) -> None:
     owner = type(self).__name__
@@ -326,18 +431,21 @@ class _QuantizedWrapper(nn.Module):
     if not has_kernel and self.is_mutable_collection('params'):
       # init: quantize a freshly initialised float kernel (same rng as the
       # wrapped layer would use), i.e. quantize_checkpoint(wrapped init).
-      w = wrapped.kernel_init(self.make_rng('params'), tuple(kernel_shape),
-                              wrapped.param_dtype)
-      qarray = _q.quantize(w, method)
-      self.put_variable('params', 'kernel', qarray.values)
-      self.put_variable('params', 'scale', qarray.scale)
+      box = wrapped.kernel_init(self.make_rng('params'), tuple(kernel_shape),
+                                wrapped.param_dtype)
+      w = _unboxed(box)
+      values, scale = _box_storage(box, _q.quantize(w, method), w)
+      self.put_variable('params', 'kernel', values)
+      self.put_variable('params', 'scale', scale)
     if not self.has_variable('params', 'kernel'):
       raise ValueError(
           f"{owner} at {path!r}: no 'kernel' in the params; pass the params"
           ' written by peft.quantize_checkpoint(params, method=...)'
       )
-    values = self.get_variable('params', 'kernel')
-    scale = self.get_variable('params', 'scale')
+    # Boxed storage (nn.Partitioned from quantize_checkpoint or init) is
+    # unboxed like linen's own `self.param` does (sharding constraint).
+    values = nn.meta.unbox(self.get_variable('params', 'kernel'))
+    scale = nn.meta.unbox(self.get_variable('params', 'scale'))
     want_v, want_s = expected.values, expected.scale
     if scale is None or jnp.dtype(values.dtype) != jnp.dtype(want_v.dtype):
       raise ValueError(
@@ -492,6 +600,8 @@ class Int4Dense(_QuantizedWrapper):
   wrapped: nn.Module
   method: QuantizationMethod | str = QuantizationMethod.INT4
 
+  _peft_packed = True
+
   def __post_init__(self):
     self._setup_checks(nn.Dense, packed=True)
     super().__post_init__()
@@ -545,6 +655,8 @@ class Int4Einsum(_QuantizedWrapper):
   _: dataclasses.KW_ONLY
   wrapped: nn.Module
   method: QuantizationMethod | str = QuantizationMethod.INT4
+
+  _peft_packed = True
 
   def __post_init__(self):
     self._setup_checks(nn.Einsum, packed=True)
