@@ -9,6 +9,10 @@ machine slows both alike; the CPU-time ratio (process CPU seconds, all
 threads) is shown beside it as a second, less load-sensitive view. Also
 shown, for information: real `quantize` and `dequantize` times.
 
+The simulated paths include the special-value handling (scales from the
+finite values only, NaN / inf passed through): one extra sum over `x` to
+detect non-finite values, and a select in the elementwise pass.
+
 Run: `python benchmarks/quantization.py [--size 4096] [--runs 15]`.
 """
 

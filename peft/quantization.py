@@ -19,6 +19,26 @@ subnormals to zero, so a Q4_0 block whose largest magnitude is below
 8 * 2**-126 (about 9.4e-38) gets d = 0 (all codes 8) where ggml keeps a
 subnormal d; both dequantize to zeros.
 
+Special values (every method, independent of shapes and backends):
+
+* NaN and +-inf pass through `simulate_quantize` unchanged, exactly where
+  they were; the scale of their channel (INT4, INT8, SFP8) or block (Q4_0)
+  is computed from the finite values only, as if the non-finite ones were 0.
+* A channel or block whose largest finite magnitude is 0, or so small that
+  its step is a float32 subnormal (below qmax * 2**-126 for INT4 / INT8 /
+  SFP8, about 2.4e-7 for Q4_0's float16 d), gives zeros, never NaN; float32
+  subnormal inputs are flushed to zero by XLA. INT4 / INT8 / SFP8 scales are
+  float32 and handle magnitudes up to float32's max (SFP8 above 1.59e38
+  uses the smallest normal scale, 2**-126, instead of a flushed one).
+* Q4_0 stores d = max / -8 as float16: a block holding a magnitude of at
+  least 524160 (= 8 * 65520) gets d = +-inf, exactly as ggml / gguf, and
+  dequantizes to +-inf (NaN where the code is 8, i.e. 0 * inf).
+* `quantize` of a concrete array raises a `ValueError` if `x` holds a NaN or
+  an inf (integer codes cannot represent them) or, for Q4_0, a magnitude of
+  at least 524160. Under tracing (inside `jax.jit`) nothing can be checked:
+  non-finite values are stored as the code of 0 (they dequantize to 0) and
+  an overflowing Q4_0 block keeps ggml's infinite d.
+
 Examples:
   >>> import jax.numpy as jnp
   >>> from peft import quantization as q
@@ -135,7 +155,7 @@ def _as_float_array(x: Any, fn_name: str) -> jax.Array:
   if not isinstance(x, jax.Array):
     x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(
+    raise TypeError(
         f'{fn_name}: `x` must be a floating-point array (float32, bfloat16 or'
         f' float16), got dtype {x.dtype}; cast it first, e.g.'
         ' `x.astype(jnp.float32)`.'
@@ -201,6 +221,89 @@ def _check_q4_0_shape(shape: tuple[int, ...], method: QuantizationMethod):
 
 
 # ----------------------------------------------------------------------------
+# Special values.
+
+# Q4_0 stores d = max / -8 as float16; |d| >= 65520 (half-way between the
+# largest float16, 65504, and 65536) rounds to inf, i.e. |max| >= 8 * 65520.
+_Q4_0_MAX_MAGNITUDE = 8.0 * 65520.0
+
+
+def _finite(x: jax.Array) -> jax.Array:
+  """`x` with NaN and +-inf replaced by 0."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+def _reduce_finite(reduce_fn, x: jax.Array):
+  """`reduce_fn(_finite(x))`: scales see the finite values of `x` only.
+
+  A max reduction cannot be trusted with NaN: XLA's CPU max propagates NaN for
+  some shapes and drops it (or the values before it) for others, and a NaN or
+  infinite channel max would poison the whole channel. Masking first costs a
+  full extra pass (the fast reduction cannot fuse the mask), so `reduce_fn`
+  runs on `x` as is, and again on the masked `x` only if the sum of `x` is not
+  finite: a sum holding a NaN is NaN in any order, one holding an inf is inf
+  or NaN (an overflowing sum of finite values just takes the masked path).
+  """
+  raw = reduce_fn(x)
+  has_nonfinite = ~jnp.isfinite(jnp.sum(x))
+  return lax.cond(
+      has_nonfinite,
+      lambda x, raw: reduce_fn(_finite(x)),
+      lambda x, raw: raw,
+      x,
+      raw,
+  )
+
+
+def _special_value_stats(x: jax.Array, q4_0: bool) -> jax.Array:
+  """int32 `[n_nonfinite, first_nonfinite, n_huge, first_huge]` (flat indices).
+
+  `huge` counts the finite values too large for Q4_0's float16 scale (0 when
+  `q4_0` is False). A first index is meaningless when its count is 0.
+  """
+  flat = x.reshape(-1)
+  nonfinite = ~jnp.isfinite(flat)
+  if q4_0:
+    huge = jnp.abs(flat) >= jnp.float32(_Q4_0_MAX_MAGNITUDE)
+    huge = huge & ~nonfinite
+  else:
+    huge = jnp.zeros_like(nonfinite)
+  return jnp.stack([
+      jnp.sum(nonfinite, dtype=jnp.int32),
+      jnp.argmax(nonfinite).astype(jnp.int32),
+      jnp.sum(huge, dtype=jnp.int32),
+      jnp.argmax(huge).astype(jnp.int32),
+  ])
+
+
+def _raise_on_special_values(
+    x: jax.Array, method: QuantizationMethod, stats: np.ndarray
+) -> None:
+  """The eager `quantize` checks, from `_special_value_stats`."""
+  n_nonfinite, first_nonfinite, n_huge, first_huge = (int(v) for v in stats)
+  if n_nonfinite:
+    index = tuple(int(i) for i in np.unravel_index(first_nonfinite, x.shape))
+    value = float(x[index])
+    raise ValueError(
+        f'quantize: `x` contains {n_nonfinite} non-finite value(s) (NaN or'
+        f' +-inf), the first at index {index} ({value}); the integer codes of'
+        f' {method.name} cannot represent them. Replace them first (e.g.'
+        ' `jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)`), or use'
+        ' `simulate_quantize`, which keeps them.'
+    )
+  if n_huge:
+    index = tuple(int(i) for i in np.unravel_index(first_huge, x.shape))
+    value = float(x[index])
+    raise ValueError(
+        f'quantize: `x` has {n_huge} value(s) outside the float16 range of'
+        f' {method.name}\'s block scale (magnitude >= {_Q4_0_MAX_MAGNITUDE:g}'
+        f' = 8 * 65520), the first at index {index} ({value:g}): d = max / -8'
+        ' would overflow float16 to inf (as in ggml). Scale `x` down, or use'
+        ' INT8 / INT4, whose scales are float32.'
+    )
+
+
+# ----------------------------------------------------------------------------
 # Per-channel integer quantization (INT4 / INT8).
 
 
@@ -222,9 +325,15 @@ def _reciprocal(scale: jax.Array) -> jax.Array:
 
 
 def _int_scale(x: jax.Array, bits: int, axes: tuple[int, ...]) -> jax.Array:
-  """`(2**(bits-1) - 1) / max|x|` over `axes` (kept, size 1); 1 if max is 0."""
-  scale = jnp.float32(2 ** (bits - 1) - 1) / _abs_max(x, axes)
-  # amax == 0 (or so small that the scale overflows): the channel becomes 0.
+  """`(2**(bits-1) - 1) / max|x|` over `axes` (kept, size 1); 1 if max is 0.
+
+  The max is over the finite values of `x` (see `_reduce_finite`).
+  """
+  amax = _reduce_finite(lambda x: _abs_max(x, axes), x)
+  scale = jnp.float32(2 ** (bits - 1) - 1) / amax
+  # amax == 0 (or below qmax / 3.4e38, so that the scale overflows to inf):
+  # scale 1, every |x| < 0.5 rounds to 0 and the channel becomes 0. (Below
+  # qmax * 2**-126 the step 1 / scale is subnormal, flushed: zeros too.)
   return jnp.where(jnp.isfinite(scale), scale, jnp.float32(1.0))
 
 
@@ -237,6 +346,7 @@ def _int_codes(x: jax.Array, scale: jax.Array, bits: int) -> jax.Array:
 
 
 def _simulate_int(x: jax.Array, bits: int, axes: tuple[int, ...]) -> jax.Array:
+  """Fake INT quantization (garbage where `x` is not finite)."""
   scale = _int_scale(x, bits, axes)
   return _int_codes(x, scale, bits) * _reciprocal(scale)
 
@@ -258,13 +368,20 @@ def _q4_0_encode(blocks: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   """ggml's Q4_0 of float32 `blocks` along `axis` (size 32).
 
   Returns `(q, d)`: `q` the float codes in [0, 15], `d` the float32 scale with
-  `axis` kept as size 1 (stored as float16 by ggml).
+  `axis` kept as size 1 (stored as float16 by ggml). `d` comes from the
+  finite values of the block only (as if NaN and inf were 0, see
+  `_reduce_finite`); `q` is garbage where `blocks` is not finite.
   """
   # m = the value of largest magnitude with its sign; on ties the first one.
   # (Two plain reductions: on XLA:CPU reducing abs(blocks) over a block axis
   # materializes abs(blocks) first and is slower.)
-  x_max = jnp.max(blocks, axis=axis, keepdims=True)
-  x_min = jnp.min(blocks, axis=axis, keepdims=True)
+  x_max, x_min = _reduce_finite(
+      lambda b: (
+          jnp.max(b, axis=axis, keepdims=True),
+          jnp.min(b, axis=axis, keepdims=True),
+      ),
+      blocks,
+  )
   amax = jnp.abs(jnp.maximum(x_max, -x_min))
   m = jnp.where(x_max > -x_min, x_max, x_min)
   # A tie: the block holds both +a and -a as its largest magnitude, or is all
@@ -274,12 +391,14 @@ def _q4_0_encode(blocks: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
   tie = x_max == -x_min
 
   def resolve_ties(m):
+    blocks_f = _finite(blocks)  # a NaN or inf position counts as 0 here too
     index = lax.broadcasted_iota(jnp.int32, blocks.shape, blocks.ndim + axis)
     # Among the maxima the largest key wins, i.e. the smallest index; its low
     # bit is that element's sign bit.
     key = jnp.where(
-        jnp.abs(blocks) == amax,
-        (Q4_0_BLOCK_SIZE - index) * 2 + jnp.signbit(blocks).astype(jnp.int32),
+        jnp.abs(blocks_f) == amax,
+        (Q4_0_BLOCK_SIZE - index) * 2
+        + jnp.signbit(blocks_f).astype(jnp.int32),
         0,
     )
     negative = (jnp.max(key, axis=axis, keepdims=True) & 1) == 1
@@ -308,6 +427,7 @@ def _q4_0_scale_f32(d: jax.Array) -> jax.Array:
 
 
 def _simulate_q4_0(x: jax.Array, transpose: bool) -> jax.Array:
+  """Fake Q4_0 (garbage where `x` is not finite)."""
   blocks, axis = _q4_0_blocks(x, transpose)
   q, d = _q4_0_encode(blocks, axis)
   return (_q4_0_scale_f32(d) * (q - jnp.float32(8.0))).reshape(x.shape)
@@ -373,9 +493,20 @@ def _f32_bits(value: float) -> int:
 
 
 def _simulate_sfp8(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
-  """Per-channel SFP8 (DESIGN.md): 3 mantissa bits, 2 at or below 1/256."""
-  scale = jnp.float32(_SFP8_MAX) / _abs_max(x, axes)
-  scale = jnp.where(jnp.isfinite(scale), scale, jnp.float32(1.0))
+  """Per-channel SFP8 (DESIGN.md): 3 mantissa bits, 2 at or below 1/256.
+
+  The scale comes from the finite values; garbage where `x` is not finite.
+  """
+  amax = _reduce_finite(lambda x: _abs_max(x, axes), x)
+  scale = jnp.float32(_SFP8_MAX) / amax
+  # amax == 0 or tiny (scale inf): scale 1, the channel snaps to zeros.
+  # amax > 1.875 * 2**126: the scale would be subnormal and XLA flushes it to
+  # 0 (then 0 * inf = NaN); the smallest normal float32 keeps |y| < 4.
+  scale = jnp.where(
+      jnp.isfinite(scale),
+      jnp.maximum(scale, jnp.float32(2.0**-126)),
+      jnp.float32(1.0),
+  )
   # Work on the bits of y = x * scale: sign | exponent | 23 mantissa bits.
   # Rounding |y| to the nearest multiple of step = 2**floor(log2|y|) / 8
   # (ties to even) is rounding the mantissa to its top 3 bits: add half the
@@ -416,6 +547,8 @@ def _simulate_forward(
     x: jax.Array, method: QuantizationMethod, axes: tuple[int, ...]
 ) -> jax.Array:
   x32 = x.astype(jnp.float32)
+  # Scales come from the finite values only; the results at NaN / inf are
+  # replaced by the NaN / inf itself.
   if method in _INT_BITS:
     out = _simulate_int(x32, _INT_BITS[method], axes)
   elif method is QuantizationMethod.Q4_0:
@@ -426,7 +559,7 @@ def _simulate_forward(
     out = _simulate_sfp8(x32, axes)
   else:  # Unreachable: NONE returns early in simulate_quantize.
     raise ValueError(f'simulate_quantize: unsupported method {method!r}.')
-  return out.astype(x.dtype)
+  return jnp.where(jnp.isfinite(x32), out, x32).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -471,7 +604,11 @@ def simulate_quantize(
 
   Returns:
     The quantized-then-dequantized array, same shape and dtype as `x`. An
-    all-zero channel or block gives zeros.
+    all-zero channel or block gives zeros. NaN and +-inf come back unchanged
+    where they were, and the scale of their channel or block is computed
+    from its finite values only (as if the non-finite ones were 0). A Q4_0
+    block with a magnitude >= 524160 overflows ggml's float16 scale to inf,
+    bit for bit as ggml (see the module docstring, "Special values").
 
   Examples:
     >>> import jax, jax.numpy as jnp
@@ -570,6 +707,14 @@ def quantize(
 
   `dequantize(quantize(x, m))` equals `simulate_quantize(x, m)` bit for bit.
 
+  Integer codes cannot hold NaN or inf: for a concrete `x` (not a tracer), a
+  non-finite value raises a `ValueError` saying how many there are and where
+  the first is, and so does, for Q4_0, a magnitude >= 524160 (its block's
+  float16 scale would overflow to inf). Under tracing (`jax.jit`) nothing is
+  checked: non-finite values are stored as the code of 0 (they dequantize to
+  0; the scale comes from the finite values), and an overflowing Q4_0 block
+  keeps ggml's infinite scale.
+
   Args:
     x: floating-point array (float32, bfloat16 or float16).
     method: INT4, INT8, Q4_0 or Q4_0_TRANSPOSE (or their names).
@@ -578,6 +723,12 @@ def quantize(
 
   Returns:
     A `QArray` (see its docstring for the layouts).
+
+  Raises:
+    ValueError: a concrete `x` holds NaN or inf, or (Q4_0) a magnitude too
+      large for the float16 block scale; or a bad `method` / shape.
+    TypeError: `x` is not a floating-point array, or `axis_to_reduce` is not
+      an int or a tuple of ints.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -599,22 +750,41 @@ def quantize(
   else:
     _check_q4_0_shape(x.shape, method)
     axes = ()
-  values, scale = _quantize_arrays(x, method, axes)
+  if isinstance(x, jax.core.Tracer):
+    values, scale = _quantize_arrays(x, method, axes)
+  else:
+    values, scale, stats = _quantize_arrays_checked(x, method, axes)
+    if not isinstance(stats, jax.core.Tracer):  # e.g. a constant under jit
+      _raise_on_special_values(x, method, np.asarray(stats))
   return QArray(values=values, scale=scale, method=method, shape=x.shape)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _quantize_arrays_checked(
+    x: jax.Array, method: QuantizationMethod, axes: tuple[int, ...]
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`_quantize_arrays` plus `_special_value_stats` of `x`, in one program."""
+  values, scale = _quantize_arrays(x, method, axes)
+  q4_0 = method not in _INT_BITS
+  return values, scale, _special_value_stats(x.astype(jnp.float32), q4_0)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_arrays(
     x: jax.Array, method: QuantizationMethod, axes: tuple[int, ...]
 ) -> tuple[jax.Array, jax.Array]:
+  # Non-finite values get the code of 0 and are left out of the scales (only
+  # reachable under tracing: eager `quantize` rejects them).
   x32 = x.astype(jnp.float32)
   if method in _INT_BITS:
     bits = _INT_BITS[method]
     scale = _int_scale(x32, bits, axes)
-    return _int_codes(x32, scale, bits).astype(_INT_DTYPES[method]), scale
+    codes = _int_codes(_finite(x32), scale, bits)
+    return codes.astype(_INT_DTYPES[method]), scale
   transpose = method is QuantizationMethod.Q4_0_TRANSPOSE
   blocks, axis = _q4_0_blocks(x32, transpose)
   q, d = _q4_0_encode(blocks, axis)
+  q = jnp.where(jnp.isfinite(blocks), q, jnp.float32(8.0))  # the code of 0
   codes = q.astype(jnp.uint8)
   scale = jnp.squeeze(d, axis).astype(jnp.float16)
   if not transpose:

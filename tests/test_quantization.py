@@ -489,9 +489,9 @@ def test_q4_0_block_axis_not_multiple_of_32():
 @pytest.mark.parametrize('dtype', [jnp.int32, jnp.int8, jnp.bool_, jnp.uint8])
 def test_non_float_input(dtype):
   x = jnp.ones((64, 32), dtype)
-  with pytest.raises(ValueError, match=r'`x`.*float'):
+  with pytest.raises(TypeError, match=r'`x`.*float'):
     quant.simulate_quantize(x, QM.INT4)
-  with pytest.raises(ValueError, match=r'`x`.*float'):
+  with pytest.raises(TypeError, match=r'`x`.*float'):
     quant.quantize(x, QM.Q4_0)
 
 
@@ -617,3 +617,205 @@ def test_vmap_matches_per_slice():
     batched = jax.vmap(lambda a, m=method: quant.simulate_quantize(a, m))(x)
     for i in range(3):
       assert_bit_equal(batched[i], quant.simulate_quantize(x[i], method))
+
+
+# ----------------------------------------------------------------------------
+# Special values: NaN, +-inf, tiny channels, Q4_0's float16 scale limit.
+# References: the numpy / gguf references above applied to `x` with its
+# non-finite values replaced by 0, then (simulate) those values put back.
+
+_SPECIAL_SHAPES = [(32, 32), (64, 4), (64, 64), (3, 64)]
+
+
+def _methods_for(shape):
+  out = [QM.INT4, QM.INT8, QM.SFP8]
+  if shape[-1] % 32 == 0:
+    out.append(QM.Q4_0)
+  if len(shape) >= 2 and shape[-2] % 32 == 0:
+    out.append(QM.Q4_0_TRANSPOSE)
+  return out
+
+
+def _ref(x32: np.ndarray, method) -> np.ndarray:
+  """Reference of `method` on a finite float32 array (default axes)."""
+  axes = _default_axes(x32.ndim)
+  if method == QM.INT4:
+    return ref_int(x32, 4, axes)
+  if method == QM.INT8:
+    return ref_int(x32, 8, axes)
+  if method == QM.SFP8:
+    return ref_sfp8(x32, axes)
+  if method == QM.Q4_0:
+    return ref_q4_0(x32)
+  return ref_q4_0(np.ascontiguousarray(x32.T)).T  # Q4_0_TRANSPOSE, 2-D
+
+
+def _with_special_values(shape, seed=20):
+  """Normal weights with NaN, +inf and -inf at several places.
+
+  Among them: a block / channel start, a NaN next to a magnitude tie, a
+  channel that is NaN except for zeros and one that is entirely NaN.
+  """
+  x = _rng(seed).standard_normal(shape).astype(np.float32)
+  rows, cols = shape
+  x[0, 0] = np.nan
+  x[rows - 1, cols - 1] = np.inf
+  x[rows // 2, cols // 2] = -np.inf
+  x[1 % rows, 3 % cols] = np.nan
+  if cols >= 4 and rows >= 3:
+    x[:, 2] = 0.0  # a channel of zeros and one NaN
+    x[2, 2] = np.nan
+  if cols >= 4:
+    x[:, cols - 2] = np.nan  # an all-NaN channel
+  return x
+
+
+def _special_ref(x32, method):
+  finite = np.isfinite(x32)
+  ref = _ref(np.where(finite, x32, np.float32(0)), method)
+  return np.where(finite, ref, x32).astype(np.float32)
+
+
+@pytest.mark.parametrize('shape', _SPECIAL_SHAPES)
+def test_simulate_keeps_nan_and_inf_and_ignores_them_in_scales(shape):
+  x = _with_special_values(shape)
+  for method in _methods_for(shape):
+    assert_bit_equal(_simulate_np(x, method), _special_ref(x, method))
+
+
+@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.SFP8, QM.Q4_0])
+def test_simulate_single_nan_anywhere_in_channel(method):
+  # One NaN per row at a different column: every channel / block has one.
+  x = _rng(21).standard_normal((64, 64)).astype(np.float32)
+  x[np.arange(64), (np.arange(64) * 7) % 64] = np.nan
+  assert_bit_equal(_simulate_np(x, method), _special_ref(x, method))
+
+
+@pytest.mark.parametrize('method', ALL_METHODS)
+def test_simulate_special_values_bfloat16(method):
+  x = jnp.asarray(_with_special_values((64, 64), seed=22), jnp.bfloat16)
+  out = quant.simulate_quantize(x, method)
+  assert out.dtype == jnp.bfloat16
+  x32 = np.asarray(x.astype(jnp.float32))
+  if method == QM.NONE:
+    expected = x32
+  else:
+    expected = _special_ref(x32, method)
+  expected = np.asarray(jnp.asarray(expected).astype(jnp.bfloat16))
+  assert_bit_equal(
+      np.asarray(out.astype(jnp.float32)),
+      np.asarray(jnp.asarray(expected).astype(jnp.float32)),
+  )
+
+
+@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.SFP8])
+def test_tiny_or_zero_channel_gives_zeros_never_nan(method):
+  x = _rng(23).standard_normal((16, 4)).astype(np.float32)
+  x[:, 0] = 0.0
+  x[:, 1] = np.float32(1e-38)  # the integer scale would overflow to inf
+  x[3, 1] = np.float32(-3e-39)
+  x[:, 2] = 0.0
+  x[5, 2] = np.nan  # zeros and a NaN: the finite max is 0
+  out = _simulate_np(x, method)
+  np.testing.assert_array_equal(out[:, :2], 0.0)
+  assert np.isnan(out[5, 2]) and (np.delete(out[:, 2], 5) == 0).all()
+  assert np.isfinite(out[:, 3]).all()
+
+
+@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.SFP8])
+def test_huge_channel_stays_finite(method):
+  # Near float32's max: the SFP8 scale 1.875 / max|w| would be subnormal.
+  x = np.ones((8, 3), np.float32)
+  x[:, 0] = np.float32(3.0e38) * np.linspace(0.1, 1.0, 8, dtype=np.float32)
+  x[:, 1] = np.float32(1.6e38)
+  x[3, 1] = 1.0
+  x[:, 2] *= np.float32(1e30)
+  out = _simulate_np(x, method)
+  assert np.isfinite(out).all()
+  x64, out64 = x.astype(np.float64), out.astype(np.float64)
+  amax = np.abs(x64).max(axis=0, keepdims=True)
+  step = amax / {QM.INT4: 7, QM.INT8: 127, QM.SFP8: 8}[method]
+  assert (np.abs(out64 - x64) <= step).all()
+
+
+@pytest.mark.parametrize('shape', _SPECIAL_SHAPES)
+def test_quantize_rejects_non_finite_concrete_input(shape):
+  x = _with_special_values(shape)
+  n_bad = int((~np.isfinite(x)).sum())
+  first = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+  # INT8 shares INT4's code path: one of them is enough here.
+  for method in _methods_for(shape):
+    if method in (QM.SFP8, QM.INT8):
+      continue
+    with pytest.raises(ValueError) as err:
+      quant.quantize(x, method)
+    message = str(err.value)
+    assert '`x`' in message and f'{n_bad} non-finite' in message
+    assert str(first) in message, message
+  with pytest.raises(ValueError, match=rf'`x` contains {n_bad} non-finite'):
+    quant.quantize(jnp.asarray(x, jnp.bfloat16), QM.INT4)
+  # One inf alone is enough.
+  y = np.ones(shape, np.float32)
+  y[-1, -1] = -np.inf
+  with pytest.raises(ValueError, match=r'`x` contains 1 non-finite'):
+    quant.quantize(y, QM.INT8)
+
+
+@pytest.mark.parametrize('shape', _SPECIAL_SHAPES)
+def test_quantize_under_jit_stores_non_finite_as_zero(shape):
+  x = _with_special_values(shape)
+  x0 = np.where(np.isfinite(x), x, np.float32(0))
+  quantize_jit = jax.jit(quant.quantize, static_argnums=1)
+  for method in _methods_for(shape):
+    if method == QM.SFP8:
+      continue
+    qa = quantize_jit(x, method)
+    assert_bit_equal(quant.dequantize(qa), _ref(x0, method))
+    if method == QM.Q4_0:
+      np.testing.assert_array_equal(
+          quant.to_ggml_bytes(qa), gguf_quants.quantize(x0, Q4_0)
+      )
+  # A constant under jit cannot be checked either (its statistics are
+  # tracers); XLA folds the constant, so compare loosely.
+  qa_const = jax.jit(lambda: quant.quantize(x, QM.INT8))()
+  np.testing.assert_allclose(
+      quant.dequantize(qa_const), _ref(x0, QM.INT8), rtol=1e-6, atol=1e-6
+  )
+
+
+@pytest.mark.filterwarnings('ignore::RuntimeWarning')  # gguf's own overflow
+def test_q4_0_float16_scale_limit():
+  limit = np.float32(8 * 65520)  # d = limit / -8 rounds to float16 -inf
+  below = np.nextafter(limit, np.float32(0))
+  x = _rng(24).standard_normal((4, 64)).astype(np.float32)
+  x[0, 5] = below  # block (0, 0): d = -65504 in float16, finite
+  x[2, 40] = -below
+  expected = gguf_quants.quantize(x, Q4_0)
+  np.testing.assert_array_equal(
+      quant.to_ggml_bytes(quant.quantize(x, QM.Q4_0)), expected
+  )
+  scale = np.asarray(quant.quantize(x, QM.Q4_0).scale, np.float32)
+  assert np.isfinite(scale).all() and np.abs(scale).max() == 65504
+
+  x[1, 33] = limit
+  x[3, 0] = -2 * limit
+  with pytest.raises(ValueError) as err:
+    quant.quantize(x, QM.Q4_0)
+  message = str(err.value)
+  assert '`x`' in message and '2 value(s)' in message and '(1, 33)' in message
+  assert 'float16' in message
+  with pytest.raises(ValueError, match='float16'):
+    quant.quantize(np.ascontiguousarray(x.T), QM.Q4_0_TRANSPOSE)
+  # INT4 / INT8 have float32 scales: fine.
+  quant.quantize(x, QM.INT8)
+
+  # Bit-compatible with ggml where no check can run (tracing) and in the
+  # simulation: d = +-inf, values +-inf, NaN at code 8 (0 * inf).
+  expected = gguf_quants.quantize(x, Q4_0)
+  qa = jax.jit(quant.quantize, static_argnums=1)(x, QM.Q4_0)
+  np.testing.assert_array_equal(quant.to_ggml_bytes(qa), expected)
+  ref = ref_q4_0(x)
+  assert np.isinf(ref[1, 32:]).any() and np.isnan(ref[1, 32:]).any()
+  assert_bit_equal(_simulate_np(x, QM.Q4_0), ref)
+  assert_bit_equal(quant.dequantize(qa), ref)
+  assert np.isfinite(ref[[0, 2]]).all() and np.isfinite(ref[1, :32]).all()
