@@ -148,18 +148,31 @@ def _nnx_lora_specs(model) -> dict:
 
 
 def _nnx_quant_specs(model) -> dict:
-  """Specs of every quantized storage array (QArray leaves), by path."""
+  """Specs of every quantized storage array, by path of its layer's QArray.
+
+  The storage is a layer's `values` and `scale` variables (rebuilt as a QArray
+  by its `qarray` property); recorded with the actual arrays' shardings and
+  the specs `nnx.get_partition_spec` gives from their metadata.
+  """
   from peft.quantization import QArray  # pylint: disable=g-import-not-at-top
   out = {}
-  for path, var in nnx.to_flat_state(nnx.state(model)):
-    value = var.get_value() if isinstance(var, nnx.Variable) else var
+  for path, node in nnx.iter_graph(model):
+    value = getattr(node, 'qarray', None) if isinstance(
+        node, nnx.Module) else None
     if isinstance(value, QArray):
-      out[_path(path)] = {
+      meta = {}
+      for name in ('values', 'scale'):
+        spec = nnx.get_partition_spec(getattr(node, name)).get_value()
+        meta[name] = list(spec) + [None] * (
+            getattr(value, name).ndim - len(spec))
+      out[_path(path) + '/qarray'] = {
           'method': value.method.value,
           'values_shape': list(value.values.shape),
           'values_spec': _spec(value.values),
+          'values_metadata_spec': meta['values'],
           'scale_shape': list(value.scale.shape),
           'scale_spec': _spec(value.scale),
+          'scale_metadata_spec': meta['scale'],
       }
   return out
 

@@ -352,8 +352,19 @@ def test_errors():
     Q.Int4Linear.from_float(lin, method='sfp8')
   with pytest.raises(ValueError, match='multiple of 32'):
     Q.Int4Linear.from_float(lin, method='q4_0')
-  with pytest.raises(ValueError, match='multiple of 32'):
-    Q.SimulateQuantizedLinear(lin, method='q4_0')(jnp.ones((1, 64)))
+  # Q4_0 block axis checked at construction, naming layer, axis and length.
+  with pytest.raises(ValueError, match=r'SimulateQuantizedLinear.*axis 1.*'
+                     r'\(64, 40\).*length 40.*multiple of 32'):
+    Q.SimulateQuantizedLinear(lin, method='q4_0')
+  with pytest.raises(ValueError, match=r'Int4Linear.*axis 1.*length 40'):
+    Q.Int4Linear.from_float(lin, method='q4_0')
+  ein40 = nnx.Einsum('bd,dh->bh', (40, 64), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r'SimulateQuantizedEinsum.*'
+                     r'second-to-last axis \(axis 0\).*length 40'):
+    Q.SimulateQuantizedEinsum(ein40, method='q4_0_transpose')
+  with pytest.raises(ValueError, match=r'Int4Einsum.*axis 0.*length 40'):
+    Q.Int4Einsum.from_float(ein40, method='q4_0_transpose')
+  Q.SimulateQuantizedEinsum(ein40, method='q4_0')  # (40, 64): blocks along 64
   with pytest.raises(TypeError, match='method'):
     Q.Int4Linear.from_float(lin, method=4)
 
@@ -404,3 +415,120 @@ def test_int4_input_gradient_is_blockwise(method, monkeypatch):
   gdef, state = nnx.split(q)
   fwd = jax.jit(lambda s, x: nnx.merge(gdef, s)(x)).lower(state, x).compile()
   assert fwd.memory_analysis().temp_size_in_bytes < f32_kernel_bytes / 2
+
+
+# --- sharding of the quantized storage ---------------------------------------
+# Expected specs are written out by hand from the kernel's names: int4/int8
+# values = kernel names, scale = None on the reduced axes; Q4_0 values
+# (..., K // 32, 16) = (*names, None), scale = names; Q4_0_TRANSPOSE the same
+# with the kernel's last two axes swapped.
+
+_EIN_NAMES = ('exp', 'data', 'model')  # kernel (2, 64, 32) of 'ebd,edf->ebf'
+_EIN_SPECS = {
+    'int4': (('exp', 'data', 'model'), ('exp', None, 'model')),
+    'int8': (('exp', 'data', 'model'), ('exp', None, 'model')),
+    'q4_0': (('exp', 'data', 'model', None), ('exp', 'data', 'model')),
+    'q4_0_transpose': (('exp', 'model', 'data', None),
+                       ('exp', 'model', 'data')),
+}
+
+
+def _mesh3(shape=(1, 1, 1)):
+  from jax.sharding import AxisType
+  return jax.make_mesh(shape, ('exp', 'data', 'model'),
+                       axis_types=(AxisType.Auto,) * 3,
+                       devices=jax.devices()[:1])
+
+
+def _sharded_einsum():
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(), _EIN_NAMES)
+  return nnx.Einsum('ebd,edf->ebf', (2, 64, 32), kernel_init=init,
+                    rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_storage_variables_carry_partition_specs(method):
+  from jax.sharding import PartitionSpec as P
+  values, scale = _EIN_SPECS[method]
+  mesh = _mesh3()
+  with jax.set_mesh(mesh):
+    q = Q.Int4Einsum.from_float(_sharded_einsum(), method=method)
+    specs = nnx.get_partition_spec(nnx.state(q))
+  assert specs['values'].get_value() == P(*values)
+  assert specs['scale'].get_value() == P(*scale)
+  # Placed as annotated, and the LoRA-facing names are the kernel's.
+  assert q.values[...].sharding.spec == P(*values)
+  assert q.scale[...].sharding.spec == P(*scale)
+  assert q.kernel_sharding == _EIN_NAMES
+  assert q.weight.get_metadata()['kernel_sharding'] == _EIN_NAMES
+  specs = q.storage_partition_specs()
+  assert (specs.values, specs.scale) == (P(*values), P(*scale))
+  # to_float gives the kernel its names back.
+  f = q.to_float()
+  assert tuple(f.kernel.get_metadata()['out_sharding']) == _EIN_NAMES
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_eval_shape_under_mesh(method):
+  """Abstract init under a mesh: ShapeDtypeStructs with the storage specs."""
+  from jax.sharding import PartitionSpec as P
+  values, scale = _EIN_SPECS[method]
+  with jax.set_mesh(_mesh3()):
+    abstract = nnx.eval_shape(
+        lambda: Q.Int4Einsum.from_float(_sharded_einsum(), method=method))
+  v, s = abstract.values.get_value(), abstract.scale.get_value()
+  assert isinstance(v, jax.ShapeDtypeStruct)
+  assert v.sharding.spec == P(*values) and s.sharding.spec == P(*scale)
+  shapes = {'int4': ((2, 64, 32), (2, 1, 32)), 'int8': ((2, 64, 32), (2, 1, 32)),
+            'q4_0': ((2, 64, 1, 16), (2, 64, 1)),
+            'q4_0_transpose': ((2, 32, 2, 16), (2, 32, 2))}[method]
+  assert (tuple(v.shape), tuple(s.shape)) == shapes
+  assert abstract.kernel_shape == (2, 64, 32)
+  assert abstract.weight.get_value().values.shape == shapes[0]
+
+
+def test_block_axis_not_divisible_by_mesh_is_replicated():
+  """Q4_0 of a 64-wide axis has 2 blocks: a 4-way mesh axis cannot split it."""
+  from jax.sharding import AbstractMesh, AxisType
+  mesh = AbstractMesh((1, 2, 4), ('exp', 'data', 'model'),
+                      axis_types=(AxisType.Auto,) * 3)
+  init = nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                               ('data', 'model'))
+
+  def make(method, out):
+    return Q.Int4Linear.from_float(
+        nnx.Linear(64, out, kernel_init=init, rngs=nnx.Rngs(0)),
+        method=method)
+
+  with jax.sharding.use_abstract_mesh(mesh):
+    two_blocks = nnx.eval_shape(lambda: make('q4_0', 64))
+    eight_blocks = nnx.eval_shape(lambda: make('q4_0', 256))
+    per_channel = nnx.eval_shape(lambda: make('int4', 64))
+  meta = lambda v: tuple(v.get_metadata()['out_sharding'])
+  assert meta(two_blocks.values) == ('data', None, None)
+  assert meta(two_blocks.scale) == ('data', None)
+  assert meta(eight_blocks.values) == ('data', 'model', None)
+  assert meta(per_channel.values) == ('data', 'model')
+  assert meta(per_channel.scale) == (None, 'model')
+
+
+def test_weight_view_and_assignment():
+  from peft.quantization import dequantize, quantize
+  layer = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
+  q = Q.Int4Linear.from_float(layer, method='int4')
+  view = q.weight
+  assert isinstance(view, Q.QuantizedWeight)
+  np.testing.assert_array_equal(np.asarray(view.get_value().values),
+                                np.asarray(q.values[...]))
+  # Assigning a QArray (e.g. from a checkpoint) replaces values and scale.
+  k = _rand(20, (64, 32))
+  q.weight = Q.QuantizedWeight(quantize(k, 'q4_0'))
+  assert q.method.value == 'q4_0' and q.values[...].shape == (64, 1, 16)
+  x = _rand(21, (3, 64))
+  want = np.asarray(x) @ _ref_q4_0_last(np.asarray(k)) + np.asarray(
+      layer.bias[...])
+  np.testing.assert_allclose(q(x), want, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dequantize(q.qarray), _ref_q4_0_last(k),
+                             rtol=0, atol=0)
+  with pytest.raises(TypeError, match='QArray'):
+    q.weight = jnp.ones((64, 32))

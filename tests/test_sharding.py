@@ -50,14 +50,6 @@ _KERNELS = {
 _REDUCED = {'attn/q': (0,), 'attn/k': (0,), 'attn/v': (0,),
             'attn/o': (0, 1), 'mlp/up': (0,), 'mlp/down': (0,), 'head': (0,)}
 
-_LINEN_LORA_XFAIL = pytest.mark.xfail(
-    strict=True,
-    reason='peft.linen LoRA wrappers do not box lora/a, lora/b in'
-    ' nn.Partitioned, so nn.get_partition_spec gives P() and the factors are'
-    ' replicated at init instead of inheriting the kernel names',
-)
-
-
 @pytest.fixture(scope='module')
 def results():
   env = dict(os.environ)
@@ -160,13 +152,24 @@ def test_q4_0_storage_sharded_like_kernel(results, key, layer):
   assert scale == [in_name, out_name]
 
 
-@_LINEN_LORA_XFAIL
+@pytest.mark.parametrize('key', ['quant', 'quant_after'])
+@pytest.mark.parametrize('layer', sorted(_KERNELS))
+def test_quantized_storage_metadata_matches_placement(results, key, layer):
+  """nnx.get_partition_spec of values / scale = how they are placed."""
+  res = _scenario(results, 'nnx_qlora')
+  hits = [v for p, v in res[key].items() if p.startswith(layer + '/')
+          and 'lora' not in p]
+  assert len(hits) == 1, (layer, sorted(res[key]))
+  (hit,) = hits
+  assert hit['values_metadata_spec'] == hit['values_spec']
+  assert hit['scale_metadata_spec'] == hit['scale_spec']
+
+
 def test_linen_lora_factors_carry_partitioning_metadata(results):
   res = _scenario(results, 'linen_lora')
   assert res['lora_metadata_specs'] == _expected_lora(_LINEN_LORA)
 
 
-@_LINEN_LORA_XFAIL
 def test_linen_lora_factors_placed_at_init(results):
   res = _scenario(results, 'linen_lora')
   assert _lora_specs(res, 'lora_before') == _expected_lora(_LINEN_LORA)
@@ -186,12 +189,6 @@ def test_linen_quantize_checkpoint_arrays_stay_sharded(results, method):
     assert res[name]['spec'] == spec, (name, res[name])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='peft.linen quantize_checkpoint unboxes nn.Partitioned kernels and'
-    ' returns plain arrays, so nn.get_partition_spec of the quantized params'
-    ' is P() for kernel and scale: the usual linen recipe (jit with'
-    ' out_shardings from the metadata) replicates the quantized storage')
 @pytest.mark.parametrize('method', ['int4', 'q4_0'])
 def test_linen_quantize_checkpoint_keeps_partitioning_metadata(results,
                                                                method):
@@ -228,13 +225,6 @@ def _quantized_mlp():
   return surgery.quantize(model, method='int4')
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='nnx.eval_shape of a quantized model under jax.set_mesh fails with'
-    " AttributeError: 'QArray' object has no attribute 'dtype' (flax's"
-    ' eval_shape gives every Variable without a sharding a ShapeDtypeStruct'
-    ' built from var.shape/var.dtype; QuantizedWeight holds a QArray), so'
-    ' abstract / sharded init and restore of QLoRA models on a mesh break')
 def test_abstract_quantized_model_under_mesh():
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
@@ -244,19 +234,41 @@ def test_abstract_quantized_model_under_mesh():
   assert tuple(q.values.shape) == (64, 256)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='QuantizedWeight keeps the kernel names as `kernel_sharding`'
-    ' metadata only: nnx.get_partition_spec gives one P() for the whole QArray'
-    ' instead of P(data, model) for values and P(None, model) for the scale'
-    ' (suggested: values and scale as two Variables with out_sharding)')
+def test_restore_qlora_model_under_mesh(tmp_path):
+  """save_model, then restore_model into nnx.eval_shape's abstract model."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from peft import checkpoint  # pylint: disable=g-import-not-at-top
+  from peft.nnx import surgery  # pylint: disable=g-import-not-at-top
+
+  def make():
+    return surgery.apply_lora(_quantized_mlp(), rank=4, rngs=nnx.Rngs(1))
+
+  with jax.set_mesh(_one_by_one_mesh()):
+    model = make()
+    path = checkpoint.save_model(tmp_path / 'qlora', model)
+    restored = checkpoint.restore_model(path, nnx.eval_shape(make))
+  saved, got = model.up.wrapped, restored.up.wrapped
+  assert got.values[...].sharding.spec == P(_D, _M)
+  assert got.scale[...].sharding.spec == P(None, _M)
+  np.testing.assert_array_equal(np.asarray(got.values[...], np.int8),
+                                np.asarray(saved.values[...], np.int8))
+  x = jnp.ones((2, 64))
+  np.testing.assert_array_equal(np.asarray(restored.up(x)),
+                                np.asarray(model.up(x)))
+
+
 def test_partition_spec_of_quantized_storage():
+  # The storage is two Variables, `values` and `scale`, each with its own
+  # out_sharding (the int4 scale of a (64, 256) kernel is (1, 256)).
   import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from jax.sharding import PartitionSpec as P  # pylint: disable=g-import-not-at-top
   with jax.set_mesh(_one_by_one_mesh()):
     model = _quantized_mlp()
     specs = nnx.get_partition_spec(nnx.state(model))
-  leaves = jax.tree.leaves(specs['up']['weight'],
-                           is_leaf=lambda s: isinstance(s, P))
-  assert leaves == [P(_D, _M), P(None, _M)]
+  got = {name: specs['up'][name].get_value() for name in ('values', 'scale')}
+  assert got == {'values': P(_D, _M), 'scale': P(None, _M)}

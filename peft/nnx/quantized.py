@@ -24,11 +24,24 @@ Examples:
   >>> q(jnp.ones((2, 64))).shape, q.nbytes  # 64*32 weights in 18-byte blocks
   ((2, 32), 1152)
 
-Storage: `weight` is a `QuantizedWeight` whose value is a `peft.quantization.
-QArray` (the codec's own layout for the float kernel, with any stacking axes
-from `nnx.vmap` in front). The forward pass never trusts the QArray's static
-`shape` metadata (it goes stale when `nnx.vmap`/`nnx.scan` slice the leaves);
-shapes are derived from the `values` array instead.
+Storage: two `QuantizedWeight` variables, `values` and `scale`, the leaves
+of the `peft.quantization.QArray` of the float kernel (the codec's own layout,
+with any stacking axes from `nnx.vmap` in front); `layer.qarray` rebuilds the
+QArray and `layer.weight` is a `QuantizedWeight` view holding it. Each
+variable has its own `out_sharding` metadata derived from the float kernel's
+names, so `nnx.get_partition_spec` and `nnx.eval_shape` under a mesh work,
+and storage created under a mesh is sharded like the kernel it replaces:
+
+* INT4 / INT8: `values` = the kernel's names, `scale` = the same with None on
+  the reduced (contracted) axes;
+* Q4_0: `values` `(*lead, K // 32, 16)` = `(*names, None)`, `scale`
+  `(*lead, K // 32)` = `names`; Q4_0_TRANSPOSE: the same on the kernel with
+  its last two axes swapped. A mesh axis that does not divide the number of
+  blocks is dropped (that axis is replicated).
+
+The forward pass never trusts the QArray's static `shape` metadata (it goes
+stale when `nnx.vmap`/`nnx.scan` slice the leaves); shapes are derived from
+the `values` array instead.
 """
 
 from __future__ import annotations
@@ -41,6 +54,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from jax import lax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 from peft import einsum as _einsum
 from peft.quantization import QArray
@@ -566,18 +581,169 @@ def _check_float_layer(cls, layer, what):
     )
 
 
+def _check_block_axis(method, kernel_shape, layer, what):
+  """Q4_0 / Q4_0_TRANSPOSE need the block axis to be a multiple of 32."""
+  if method is QuantizationMethod.Q4_0:
+    axis, which = len(kernel_shape) - 1, 'last'
+  elif method is QuantizationMethod.Q4_0_TRANSPOSE:
+    axis, which = len(kernel_shape) - 2, 'second-to-last'
+  else:
+    return
+  n = kernel_shape[axis] if axis >= 0 else 0
+  if axis < 0 or n % _Q4_0_BLOCK:
+    raise ValueError(
+        f'{what}: method={method.value!r} quantizes the kernel in blocks of'
+        f' {_Q4_0_BLOCK} along its {which} axis (axis {axis}), but the'
+        f' kernel of the wrapped nnx.{type(layer).__name__} has shape'
+        f' {tuple(kernel_shape)}: length {n} on that axis is not a multiple'
+        f' of {_Q4_0_BLOCK}. Use a layer whose axis {axis} is a multiple of'
+        f' {_Q4_0_BLOCK}, or a per-channel method (int4, int8).'
+    )
+
+
+# ----------------------------------------------------------------------------
+# Sharding of the quantized storage.
+
+
+def _kernel_names(meta, ndim: int) -> tuple[Any, ...] | None:
+  """The float kernel's sharding names, one per axis (None if unnamed)."""
+  names = meta.get('out_sharding')
+  if not names or not isinstance(names, (tuple, list, PartitionSpec)):
+    return None
+  names = tuple(names)
+  if len(names) < ndim:  # stacking axes added without a name
+    names = (None,) * (ndim - len(names)) + names
+  return names if len(names) == ndim else None
+
+
+def _storage_names(method, names, reduced):
+  """(values names, scale names) from the float kernel's names.
+
+  INT4 / INT8: values = the kernel's names, scale = the same with None on the
+  reduced axes (size 1 there). Q4_0: values (*lead, K // 32, 16) = (*names,
+  None), scale (*lead, K // 32) = names: the block-count axis takes the name
+  of the blocked axis. Q4_0_TRANSPOSE: the same on the kernel with its last
+  two axes swapped.
+  """
+  names = tuple(names)
+  if method is QuantizationMethod.Q4_0:
+    return (*names, None), names
+  if method is QuantizationMethod.Q4_0_TRANSPOSE:
+    t = (*names[:-2], names[-1], names[-2])
+    return (*t, None), t
+  return names, tuple(None if i in reduced else n for i, n in enumerate(names))
+
+
+def _current_mesh(meta):
+  mesh = meta.get('mesh')
+  if mesh is None:
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+      mesh = None
+  return mesh
+
+
+def _mesh_axes(name, meta) -> tuple[str, ...]:
+  """The mesh axes a (possibly logical) sharding name maps to."""
+  from flax.core import spmd as core_spmd  # pylint: disable=g-import-not-at-top
+  context = core_spmd.get_logical_axis_rules()
+  local = meta.get('sharding_rules') or ()
+  if context or local:
+    rules = core_spmd.composite_rules(context, local)
+    name = core_spmd.from_sharding_rules((name,), rules)[0]
+  if isinstance(name, str):
+    return (name,)
+  if isinstance(name, (tuple, list)):
+    return tuple(n for n in name if isinstance(n, str))
+  return ()
+
+
+def _fit_names(names, shape, meta, mesh):
+  """`names` with None where the mesh axes do not divide the storage axis.
+
+  The float kernel fits its mesh, but Q4_0 storage has K // 32 blocks on the
+  blocked axis, which a mesh axis may not divide (e.g. K = 64 on 4 devices):
+  that axis is then replicated instead of failing.
+  """
+  if mesh is None:
+    return names
+  sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+  out = []
+  for name, dim in zip(names, shape):
+    n = math.prod(sizes.get(a, 1) for a in _mesh_axes(name, meta))
+    out.append(name if dim % n == 0 else None)
+  return tuple(out)
+
+
+def _concrete_mesh(value):
+  """The mesh of a concrete array placed with a NamedSharding, else None."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  sharding = getattr(value, 'sharding', None)
+  if isinstance(sharding, NamedSharding):
+    return sharding.mesh
+  return None
+
+
+def _sharded_variable(var_type, value, names, source_meta, like=None,
+                      **extra):
+  """A `var_type` holding `value`, annotated and placed with `names`.
+
+  `names` (or None) are the storage's sharding names, `source_meta` the float
+  kernel's metadata (its `mesh`, `sharding_rules` and `eager_sharding` are
+  kept). With eager sharding the value is placed like a flax Param created
+  with `out_sharding`; when no mesh is current (the model was built under
+  `jax.set_mesh` and is converted outside it), it is placed on the mesh of the
+  array `like` (the float kernel).
+  """
+  if names is None:
+    return var_type(value, **extra)
+  meta = dict(extra)
+  for key in ('mesh', 'sharding_rules'):
+    if source_meta.get(key):
+      meta[key] = source_meta[key]
+  mesh = _current_mesh(meta)
+  shape = getattr(value, 'shape', ())
+  if mesh is None:
+    mesh_of_like = _concrete_mesh(like)
+    names = _fit_names(names, shape, meta, mesh_of_like)
+  else:
+    mesh_of_like = None
+    names = _fit_names(names, shape, meta, mesh)
+  meta['out_sharding'] = tuple(names)
+  eager = source_meta.get('eager_sharding')
+  if eager is None:
+    eager = nnx.using_eager_sharding()
+  if eager and mesh is not None:
+    try:
+      return var_type(value, eager_sharding=True, **meta)
+    except TypeError:  # e.g. a single-device array under an abstract mesh
+      mesh_of_like = _concrete_mesh(like)
+  var = var_type(value, eager_sharding=False, **meta)
+  if eager and mesh_of_like is not None:
+    from flax.nnx import spmd  # pylint: disable=g-import-not-at-top
+    spec = spmd.get_var_pspec(var)
+    var.set_value(jax.device_put(value, NamedSharding(mesh_of_like, spec)))
+  return var
+
+
 class QuantizedWeight(nnx.Variable):
-  """A variable holding a quantized kernel (a `peft.quantization.QArray`).
+  """A variable holding quantized storage: packed values or their scales.
 
   Not an `nnx.Param`, so optimizers built with `wrt=nnx.Param` (or
   `nnx.LoRAParam`) leave it alone: the base of a QLoRA model stays frozen.
-  Read it with `variable.get_value()`.
+  An `Int4*` layer keeps its kernel in two of them, `values` and `scale`
+  (the leaves of a `peft.quantization.QArray`), each an array with its own
+  `out_sharding` metadata, so the usual flax sharding recipes
+  (`nnx.get_partition_spec`, `nnx.eval_shape` under `jax.set_mesh`) work.
+  The layer's `weight` property gives a `QuantizedWeight` view holding the
+  whole `QArray`.
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from peft.quantization import quantize
-    >>> w = QuantizedWeight(quantize(jnp.ones((32, 4)), 'int4'))
-    >>> w.get_value().values.dtype
+    >>> w = QuantizedWeight(quantize(jnp.ones((32, 4)), 'int4').values)
+    >>> w.get_value().dtype
     dtype(int4)
   """
 
@@ -599,8 +765,10 @@ class _SimulateBase(nnx.Module):
   def __init__(self, wrapped, *, method=QuantizationMethod.INT4):
     what = type(self).__name__
     _check_float_layer(type(self), wrapped, what)
+    method = _as_method(method, what)
+    _check_block_axis(method, tuple(wrapped.kernel.shape), wrapped, what)
     self.wrapped = wrapped
-    self.method = _as_method(method, what)
+    self.method = method
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -736,6 +904,7 @@ class _Int4Base(nnx.Module):
     kind = self._peft_kind
     kernel = layer.kernel[...]
     lead = _stack_depth(layer, kind, kernel.shape, what)
+    _check_block_axis(method, tuple(kernel.shape), layer, what)
     for name in _GEOMETRY[kind]:
       setattr(self, name, getattr(layer, name))
     self.param_dtype = jnp.dtype(kernel.dtype)
@@ -745,23 +914,69 @@ class _Int4Base(nnx.Module):
       qarray = _quantize(kernel, method=method, axis_to_reduce=axes)
     except ValueError as e:
       raise ValueError(f'{what}: kernel of shape {kernel.shape}: {e}') from e
-    # The float kernel's sharding names, for code that shards the storage
-    # (`kernel_sharding`, not `out_sharding`: one spec cannot fit both leaves).
     meta = layer.kernel.get_metadata()
-    wmeta = {}
-    if meta.get('out_sharding'):
-      wmeta['kernel_sharding'] = tuple(meta['out_sharding'])
-      if meta.get('mesh') is not None:
-        wmeta['mesh'] = meta['mesh']
-    self.weight = QuantizedWeight(qarray, **wmeta)
+    self._store(qarray, _kernel_names(meta, kernel.ndim), meta, like=kernel)
     if layer.bias is not None:
       self.bias = layer.bias.copy()
     else:
       self.bias = nnx.data(None)
 
+  def _store(self, qarray, names, source_meta, like=None):
+    """Sets the `values` / `scale` storage Variables from a `QArray`.
+
+    `names`: the float kernel's sharding names (or None); the storage gets
+    the matching `out_sharding` (see `storage_partition_specs`) and keeps
+    them as `kernel_sharding` metadata (read by LoRA wrappers, which shard
+    their factors like the kernel).
+    """
+    qarray = _with_shape(qarray)
+    self.method = qarray.method
+    if names is not None and len(names) != len(qarray.shape):
+      names = None
+    extra = {}
+    if names is not None:
+      lead = len(qarray.shape) - _kernel_ndim(self, self._peft_kind)
+      reduced = {a + lead for a in _reduced_axes(self, self._peft_kind)}
+      vnames, snames = _storage_names(qarray.method, names, reduced)
+      extra['kernel_sharding'] = tuple(names)
+    else:
+      vnames = snames = None
+    self.values = _sharded_variable(
+        QuantizedWeight, qarray.values, vnames, source_meta, like, **extra)
+    self.scale = _sharded_variable(
+        QuantizedWeight, qarray.scale, snames, source_meta, like)
+
+  def __setattr__(self, name, value):
+    if name == 'weight':
+      self._set_weight(value)
+    else:
+      super().__setattr__(name, value)
+
+  def _set_weight(self, value):
+    """`layer.weight = QuantizedWeight(qarray)` replaces the storage."""
+    meta = {}
+    if isinstance(value, nnx.Variable):
+      meta = dict(value.get_metadata())
+      value = value.get_value()
+    if not isinstance(value, QArray):
+      raise TypeError(
+          f'{type(self).__name__}.weight must be set to a QArray (or a'
+          f' QuantizedWeight holding one), got {type(value).__name__}.'
+      )
+    names = meta.get('kernel_sharding')
+    if names is None and 'values' in vars(self):
+      old = self.values.get_metadata()
+      if _qarray_kernel_shape(value) == self.kernel_shape:
+        names = old.get('kernel_sharding')
+        meta = {**old, **meta}
+    self._store(value, None if names is None else tuple(names), meta)
+
   @classmethod
   def from_float(cls, layer, *, method=None):
     """Quantizes a float layer (or its SimulateQuantized* wrapper).
+
+    The storage is created sharded like the float kernel (when the kernel has
+    `out_sharding` names, e.g. from `nnx.with_partitioning`, under a mesh).
 
     Args:
       layer: the flax layer of the matching type (stacked by `nnx.vmap` is
@@ -777,13 +992,37 @@ class _Int4Base(nnx.Module):
 
   @property
   def qarray(self) -> QArray:
-    """The quantized kernel as a `QArray` (shape metadata re-derived)."""
-    return _with_shape(self.weight.get_value())
+    """The quantized kernel as a `QArray` rebuilt from `values` and `scale`."""
+    return _with_shape(QArray(
+        values=self.values.get_value(), scale=self.scale.get_value(),
+        method=self.method, shape=(),
+    ))
+
+  @property
+  def kernel_sharding(self) -> tuple[Any, ...] | None:
+    """The float kernel's sharding names (None when it had none)."""
+    names = self.values.get_metadata().get('kernel_sharding')
+    return None if names is None else tuple(names)
+
+  @property
+  def weight(self) -> QuantizedWeight:
+    """A read-only view of the kernel: a `QuantizedWeight` holding `qarray`.
+
+    Its metadata has the float kernel's names as `kernel_sharding` (and the
+    `mesh` if any). Assigning `layer.weight = QuantizedWeight(qarray)` (or a
+    `QArray`) replaces the `values` / `scale` storage.
+    """
+    meta = {}
+    vmeta = self.values.get_metadata()
+    for key in ('kernel_sharding', 'mesh', 'sharding_rules'):
+      if vmeta.get(key) is not None:
+        meta[key] = vmeta[key]
+    return QuantizedWeight(self.qarray, eager_sharding=False, **meta)
 
   @property
   def kernel_shape(self) -> tuple[int, ...]:
     """Shape of the float kernel (with any leading stacking axes)."""
-    return _qarray_kernel_shape(self.weight.get_value())
+    return _qarray_kernel_shape(self.qarray)
 
   @property
   def nbytes(self) -> int:
@@ -792,16 +1031,16 @@ class _Int4Base(nnx.Module):
     INT4: 0.5 byte per weight plus float32 per-channel scales; Q4_0 and
     Q4_0_TRANSPOSE: 18 bytes per 32 weights (0.5625 byte per weight).
     """
-    return int(self.weight.get_value().nbytes)
+    return int(self.qarray.nbytes)
 
   def storage_partition_specs(self, kernel_names=None) -> QArray:
     """PartitionSpecs for the packed storage, shaped like the `QArray`.
 
-    Maps the float kernel's sharding names (default: the `kernel_sharding`
-    metadata copied from the float kernel) onto `values` and `scale`, so the
-    storage is sharded like the kernel it replaces. Axes that do not exist or
-    have size 1 in the storage (reduced axes of a per-channel scale, the
-    16-byte axis of Q4_0 blocks) are unsharded.
+    Maps the float kernel's sharding names (default: `kernel_sharding`)
+    onto `values` and `scale`, as done for the storage's own `out_sharding`
+    metadata: int4 / int8 `values` take the kernel's names and `scale` None
+    on the reduced axes; Q4_0 blocks take the blocked axis's name on their
+    block-count axis and None on the 16-byte axis.
 
     Examples:
       >>> from flax import nnx
@@ -811,10 +1050,9 @@ class _Int4Base(nnx.Module):
       >>> specs.values, specs.scale
       (P('embed', 'mlp', None), P('embed', 'mlp'))
     """
-    from jax.sharding import PartitionSpec  # pylint: disable=g-import-not-at-top
     shape = self.kernel_shape
     if kernel_names is None:
-      kernel_names = self.weight.get_metadata().get('kernel_sharding')
+      kernel_names = self.kernel_sharding
     if kernel_names is None:
       kernel_names = (None,) * len(shape)
     names = tuple(kernel_names)
@@ -823,19 +1061,11 @@ class _Int4Base(nnx.Module):
           f'kernel_names={names} must name each of the {len(shape)} axes of'
           f' the kernel (shape {shape}); use None for unsharded axes.'
       )
-    method = self.method
-    if method is QuantizationMethod.Q4_0:
-      values, scale = (*names, None), names
-    elif method is QuantizationMethod.Q4_0_TRANSPOSE:
-      t = (*names[:-2], names[-1], names[-2])
-      values, scale = (*t, None), t
-    else:
-      lead = len(shape) - _kernel_ndim(self, self._peft_kind)
-      red = {a + lead for a in _reduced_axes(self, self._peft_kind)}
-      values = names
-      scale = tuple(None if i in red else n for i, n in enumerate(names))
+    lead = len(shape) - _kernel_ndim(self, self._peft_kind)
+    red = {a + lead for a in _reduced_axes(self, self._peft_kind)}
+    values, scale = _storage_names(self.method, names, red)
     return QArray(values=PartitionSpec(*values), scale=PartitionSpec(*scale),
-                  method=method, shape=shape)
+                  method=self.method, shape=shape)
 
   def _float_kwargs(self):
     return {
@@ -846,7 +1076,10 @@ class _Int4Base(nnx.Module):
     }
 
   def _finish_float(self, layer):
-    layer.kernel = nnx.Param(dequantize(self.qarray, self.param_dtype))
+    kernel = dequantize(self.qarray, self.param_dtype)
+    layer.kernel = _sharded_variable(
+        nnx.Param, kernel, self.kernel_sharding, self.values.get_metadata(),
+        like=self.values.get_value())
     if self.bias is not None:
       layer.bias = self.bias.copy()
     return layer
@@ -854,8 +1087,7 @@ class _Int4Base(nnx.Module):
   def __call__(self, inputs, out_sharding=None):
     """Applies the layer, dequantizing the kernel chunk by chunk."""
     return _layer_call(
-        self, self._peft_kind, inputs, self.weight.get_value(),
-        out_sharding=out_sharding,
+        self, self._peft_kind, inputs, self.qarray, out_sharding=out_sharding,
     )
 
 
@@ -911,7 +1143,7 @@ class Int4Einsum(_Int4Base):
   def __call__(self, inputs, einsum_str=None, out_sharding=None):
     """Applies the layer, dequantizing the kernel chunk by chunk."""
     return _layer_call(
-        self, _EINSUM, inputs, self.weight.get_value(),
+        self, _EINSUM, inputs, self.qarray,
         einsum_str=einsum_str, out_sharding=out_sharding,
     )
 

@@ -865,7 +865,7 @@ def _kernel_var(base: Any, info: _Layer) -> nnx.Variable:
     return base.kernel
   if info.kind == 'simulate':
     return base.wrapped.kernel
-  return base.weight
+  return base.values
 
 
 def merge_lora(
@@ -1050,19 +1050,11 @@ def _array_bytes(x: Any) -> int:
   return size * dtype.itemsize
 
 
-def _value_counts(value: Any, qarray_type) -> tuple[int, int]:
+def _value_counts(value: Any) -> tuple[int, int]:
   """(number of weights, real bytes) of a Variable's value."""
-  if qarray_type is not None and isinstance(value, qarray_type):
-    return int(np.prod(value.shape, dtype=np.int64)), int(value.nbytes)
   elems, nbytes = 0, 0
-  leaves = jax.tree.leaves(
-      value, is_leaf=lambda x: qarray_type is not None and isinstance(x, qarray_type)
-  )
-  for leaf in leaves:
-    if qarray_type is not None and isinstance(leaf, qarray_type):
-      elems += int(np.prod(leaf.shape, dtype=np.int64))
-      nbytes += int(leaf.nbytes)
-    elif hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
+  for leaf in jax.tree.leaves(value):
+    if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
       elems += int(np.prod(leaf.shape, dtype=np.int64))
       nbytes += _array_bytes(leaf)
   return elems, nbytes
@@ -1153,26 +1145,28 @@ def summary(model: Any) -> ParamSummary:
     >>> s.total, s.trainable, s.total_bytes
     (20, 0, 80)
   """
-  try:
-    from peft.quantization import QArray  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    QArray = None
+  from peft.nnx.quantized import QuantizedWeight  # pylint: disable=g-import-not-at-top
+
   peft = _peft_classes()
   idx = _index(model, peft)
   trainable = frozen = other = 0
   trainable_b = frozen_b = other_b = 0
+  storage: set[int] = set()
+  for m in idx.modules:  # Int4* layers: logical weights + packed bytes
+    values = getattr(m, 'values', None)
+    if (isinstance(values, QuantizedWeight) and hasattr(m, 'qarray')
+        and id(values) not in storage):
+      storage.add(id(values))
+      frozen += int(np.prod(m.kernel_shape, dtype=np.int64))
+      frozen_b += int(m.nbytes)
   for var in idx.variables:
-    n, b = _value_counts(var.get_value(), QArray)
-    is_quantized = QArray is not None and any(
-        isinstance(leaf, QArray)
-        for leaf in jax.tree.leaves(
-            var.get_value(), is_leaf=lambda x: isinstance(x, QArray)
-        )
-    )
+    if isinstance(var, QuantizedWeight):
+      continue  # counted with its layer above
+    n, b = _value_counts(var.get_value())
     if isinstance(var, nnx.LoRAParam):
       trainable += n
       trainable_b += b
-    elif isinstance(var, nnx.Param) or is_quantized:
+    elif isinstance(var, nnx.Param):
       frozen += n
       frozen_b += b
     else:
