@@ -70,6 +70,8 @@ __all__ = [
     'quantize',
     'dequantize',
     'to_ggml_bytes',
+    'storage_names',
+    'kernel_names',
     'pack_q4_0',
     'unpack_q4_0',
     'Q4_0_BLOCK_SIZE',
@@ -854,6 +856,52 @@ def _dequantize_arrays(
   out = d * (codes.astype(jnp.float32) - jnp.float32(8.0))
   *lead, n_blocks, block, n = out.shape
   return out.reshape(*lead, n_blocks * block, n).astype(dtype)
+
+
+def storage_names(method, names, reduced_axes=()):
+  """Names (e.g. sharding axes) of a `QArray`'s arrays from the kernel's names.
+
+  `names` has one entry per axis of the float array (`None` for unnamed
+  axes); the result is `(values_names, scale_names)`, one entry per axis of
+  `QArray.values` and `QArray.scale`. INT4 / INT8: values keep the names and
+  the scale drops them on `reduced_axes` (where it has size 1). Q4_0: values
+  `(*lead, K // 32, 16)` get `(*names, None)` and the scale `(*lead, K // 32)`
+  gets `names`: the block-count axis is named after the blocked axis.
+  Q4_0_TRANSPOSE: the same with the last two axes swapped.
+
+  Examples:
+    >>> storage_names('int4', ('embed', 'mlp'), reduced_axes=(0,))
+    (('embed', 'mlp'), (None, 'mlp'))
+    >>> storage_names('q4_0_transpose', ('embed', 'mlp'))
+    (('mlp', 'embed', None), ('mlp', 'embed'))
+  """
+  method = QuantizationMethod(method)
+  names = tuple(names)
+  if method is QuantizationMethod.Q4_0:
+    return (*names, None), names
+  if method is QuantizationMethod.Q4_0_TRANSPOSE:
+    swapped = (*names[:-2], names[-1], names[-2])
+    return (*swapped, None), swapped
+  reduced = {a % len(names) for a in reduced_axes} if names else set()
+  return names, tuple(None if i in reduced else n for i, n in enumerate(names))
+
+
+def kernel_names(method, values_names):
+  """The float kernel's axis names from those of `QArray.values`.
+
+  The inverse of `storage_names` on the values.
+
+  Examples:
+    >>> kernel_names('q4_0_transpose', ('mlp', 'embed', None))
+    ('embed', 'mlp')
+  """
+  method = QuantizationMethod(method)
+  v = tuple(values_names)
+  if method is QuantizationMethod.Q4_0:
+    return v[:-1]
+  if method is QuantizationMethod.Q4_0_TRANSPOSE:
+    return (*v[:-3], v[-2], v[-3])
+  return v
 
 
 def to_ggml_bytes(q: QArray) -> np.ndarray:

@@ -44,6 +44,7 @@ import jax.numpy as jnp
 
 from peft import einsum as _einsum
 from peft import quantization as _q
+from peft.linen.lora import _unboxed
 from peft.nnx import quantized as _nnx_q
 
 __all__ = [
@@ -90,15 +91,6 @@ def _as_method(method: Any, what: str, packed: bool) -> QuantizationMethod:
   return method
 
 
-def _unboxed(x):
-  """The array inside a linen metadata box (no sharding constraint applied)."""
-  if isinstance(x, nn.Partitioned):
-    return x.unbox(apply_constraint=False)
-  if isinstance(x, nn.meta.AxisMetadata):
-    return x.unbox()
-  return x
-
-
 def _mesh_axis_size(name, mesh) -> int | None:
   """Devices along the mesh axis (or axes) `name`; None when unknown."""
   if mesh is None or name is None:
@@ -140,35 +132,18 @@ def _block_name(name, n_blocks: int, mesh):
 def _storage_names(names, method, kernel_shape, scale_shape, mesh):
   """(values names, scale names) of the storage of a kernel named `names`.
 
-  INT4 / INT8: values take the kernel's names, the scale the same names
-  with None on its size-1 (reduced) axes. Q4_0 `(*lead, K // 32, 16)`:
-  `(*lead_names, K_name, None)`, scale `(*lead_names, K_name)`, the block
-  axis keeping `K_name` only when the mesh divides the block count.
-  Q4_0_TRANSPOSE `(*lead, N, K // 32, 16)`: `(*lead_names, N_name, K_name,
-  None)`, scale without the last None.
+  The layout rule is `peft.quantization.storage_names`; here the Q4_0 block
+  axis keeps its name only when the mesh divides the block count.
   """
-  names = tuple(names)
-  if method == QuantizationMethod.Q4_0:
-    block = _block_name(names[-1], kernel_shape[-1] // 32, mesh)
-    scale = (*names[:-1], block)
-    return (*scale, None), scale
-  if method == QuantizationMethod.Q4_0_TRANSPOSE:
-    block = _block_name(names[-2], kernel_shape[-2] // 32, mesh)
-    scale = (*names[:-2], names[-1], block)
-    return (*scale, None), scale
-  scale = tuple(n if s == d else None
-                for n, s, d in zip(names, scale_shape, kernel_shape))
-  return names, scale
-
-
-def _float_names(values_names, method):
-  """The float kernel's names from those of its packed `values`."""
-  v = tuple(values_names)
-  if method == QuantizationMethod.Q4_0:
-    return v[:-1]
-  if method == QuantizationMethod.Q4_0_TRANSPOSE:
-    return (*v[:-3], v[-2], v[-3])
-  return v
+  reduced = tuple(i for i, (s, d) in enumerate(zip(scale_shape, kernel_shape))
+                  if s != d)
+  values, scale = _q.storage_names(method, names, reduced)
+  if method in (QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
+    axis = -1 if method == QuantizationMethod.Q4_0 else -2
+    block = _block_name(scale[-1], kernel_shape[axis] // 32, mesh)
+    scale = (*scale[:-1], block)
+    values = (*scale, None)
+  return values, scale
 
 
 def _box_storage(box, qarray, kernel):
@@ -382,7 +357,7 @@ class _QuantizedWrapper(nn.Module):
     """The float kernel's sharding names from those of the stored `kernel`."""
     if not self._peft_packed:
       return tuple(names)
-    return _float_names(names, self._method)
+    return _q.kernel_names(self._method, names)
 
   def _setup_checks(self, layer_type: type, packed: bool) -> None:
     owner = type(self).__name__

@@ -63,6 +63,7 @@ from peft.quantization import QuantizationMethod
 from peft.quantization import dequantize
 from peft.quantization import quantize
 from peft.quantization import simulate_quantize
+from peft.quantization import storage_names
 
 __all__ = [
     'QuantizedWeight',
@@ -616,24 +617,6 @@ def _kernel_names(meta, ndim: int) -> tuple[Any, ...] | None:
   return names if len(names) == ndim else None
 
 
-def _storage_names(method, names, reduced):
-  """(values names, scale names) from the float kernel's names.
-
-  INT4 / INT8: values = the kernel's names, scale = the same with None on the
-  reduced axes (size 1 there). Q4_0: values (*lead, K // 32, 16) = (*names,
-  None), scale (*lead, K // 32) = names: the block-count axis takes the name
-  of the blocked axis. Q4_0_TRANSPOSE: the same on the kernel with its last
-  two axes swapped.
-  """
-  names = tuple(names)
-  if method is QuantizationMethod.Q4_0:
-    return (*names, None), names
-  if method is QuantizationMethod.Q4_0_TRANSPOSE:
-    t = (*names[:-2], names[-1], names[-2])
-    return (*t, None), t
-  return names, tuple(None if i in reduced else n for i, n in enumerate(names))
-
-
 def _current_mesh(meta):
   mesh = meta.get('mesh')
   if mesh is None:
@@ -937,7 +920,7 @@ class _Int4Base(nnx.Module):
     if names is not None:
       lead = len(qarray.shape) - _kernel_ndim(self, self._peft_kind)
       reduced = {a + lead for a in _reduced_axes(self, self._peft_kind)}
-      vnames, snames = _storage_names(qarray.method, names, reduced)
+      vnames, snames = storage_names(qarray.method, names, reduced)
       extra['kernel_sharding'] = tuple(names)
     else:
       vnames = snames = None
@@ -1063,7 +1046,7 @@ class _Int4Base(nnx.Module):
       )
     lead = len(shape) - _kernel_ndim(self, self._peft_kind)
     red = {a + lead for a in _reduced_axes(self, self._peft_kind)}
-    values, scale = _storage_names(self.method, names, red)
+    values, scale = storage_names(self.method, names, red)
     return QArray(values=PartitionSpec(*values), scale=PartitionSpec(*scale),
                   method=self.method, shape=shape)
 
