@@ -158,8 +158,12 @@ def test_simulate_and_int4_match_reference(name, method, monkeypatch):
   make, xshape, ref, red, sim_cls, int_cls = CASES[name]
   layer = make()
   k = np.asarray(layer.kernel[...])
-  if not _supports(method, k.shape):
-    pytest.skip('Q4_0 block axis not a multiple of 32')
+  if not _supports(method, k.shape):  # rejected when the layer is built
+    with pytest.raises(ValueError, match='blocks of 32'):
+      sim_cls(layer, method=method)
+    with pytest.raises(ValueError, match='blocks of 32'):
+      int_cls.from_float(layer, method=method)
+    return
   x = _rand(10, xshape)
   kq = jnp.asarray(_ref_quant(k, method, red), jnp.float32)
   want = ref(x, kq, _bias(layer))
