@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 from flax import linen as nn
 from flax import nnx
@@ -255,9 +255,24 @@ def _kernel_box(wrapper: nn.Module) -> nn.Partitioned | None:
 
 
 class _LoRAWrapper(nn.Module):
-  """Shares the wrapped layer's scope so the adapter lands next to its kernel."""
+  """Fields and checks of the wrappers; shares the wrapped layer's scope.
+
+  Sharing the scope puts the adapter next to the kernel it adapts.
+  """
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  wrapped: nn.Module
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+
+  _wrapped_type: ClassVar[type[nn.Module]]
 
   def __post_init__(self):
+    _check_rank(self.rank, type(self).__name__)
+    _check_wrapped(type(self).__name__, self.wrapped, self._wrapped_type)
     super().__post_init__()
     # Share scope to make the wrapper transparent for the params
     # (instead of nesting `{'params': {'wrapped': ...}}`).
@@ -487,18 +502,7 @@ class LoRADense(_LoRAWrapper):
     b_init: initializer of `b` (zeros).
   """
 
-  _: dataclasses.KW_ONLY
-  rank: int
-  wrapped: nn.Module
-  alpha: float | None = None
-  dtype: Any = jnp.float32
-  a_init: Initializer = _A_INIT
-  b_init: Initializer = _B_INIT
-
-  def __post_init__(self):
-    _check_rank(self.rank, type(self).__name__)
-    _check_wrapped(type(self).__name__, self.wrapped, nn.Dense)
-    super().__post_init__()
+  _wrapped_type = nn.Dense
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -539,18 +543,7 @@ class LoRAEinsum(_LoRAWrapper):
     alpha, dtype, a_init, b_init: as in `LoRADense`.
   """
 
-  _: dataclasses.KW_ONLY
-  rank: int
-  wrapped: nn.Module
-  alpha: float | None = None
-  dtype: Any = jnp.float32
-  a_init: Initializer = _A_INIT
-  b_init: Initializer = _B_INIT
-
-  def __post_init__(self):
-    _check_rank(self.rank, type(self).__name__)
-    _check_wrapped(type(self).__name__, self.wrapped, nn.Einsum)
-    super().__post_init__()
+  _wrapped_type = nn.Einsum
 
   @nn.compact
   def __call__(self, inputs: Array, einsum_str: str | None = None) -> Array:
@@ -595,18 +588,7 @@ class LoRADenseGeneral(_LoRAWrapper):
     alpha, dtype, a_init, b_init: as in `LoRADense`.
   """
 
-  _: dataclasses.KW_ONLY
-  rank: int
-  wrapped: nn.Module
-  alpha: float | None = None
-  dtype: Any = jnp.float32
-  a_init: Initializer = _A_INIT
-  b_init: Initializer = _B_INIT
-
-  def __post_init__(self):
-    _check_rank(self.rank, type(self).__name__)
-    _check_wrapped(type(self).__name__, self.wrapped, nn.DenseGeneral)
-    super().__post_init__()
+  _wrapped_type = nn.DenseGeneral
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
