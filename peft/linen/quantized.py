@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 from flax import linen as nn
 from flax import nnx
@@ -346,8 +346,16 @@ def _check_wrapped(owner: str, wrapped: Any, layer_type: type) -> None:
 
 
 class _QuantizedWrapper(nn.Module):
-  """Shares the wrapped layer's scope (its params stay where they were)."""
+  """Fields and checks of the wrappers; shares the wrapped layer's scope.
 
+  Sharing the scope keeps the params where the wrapped layer had them.
+  """
+
+  _: dataclasses.KW_ONLY
+  wrapped: nn.Module
+  method: QuantizationMethod | str = QuantizationMethod.INT4
+
+  _wrapped_type: ClassVar[type[nn.Module]]
   # Lets LoRA wrappers find the float layer under a quantization wrapper.
   _peft_wraps_layer = True
   # True when the params hold packed storage rather than the float kernel.
@@ -359,12 +367,10 @@ class _QuantizedWrapper(nn.Module):
       return tuple(names)
     return _q.kernel_names(self._method, names)
 
-  def _setup_checks(self, layer_type: type, packed: bool) -> None:
-    owner = type(self).__name__
-    _check_wrapped(owner, self.wrapped, layer_type)
-    _as_method(self.method, owner, packed=packed)
-
   def __post_init__(self):
+    owner = type(self).__name__
+    _check_wrapped(owner, self.wrapped, self._wrapped_type)
+    _as_method(self.method, owner, packed=self._peft_packed)
     super().__post_init__()
     if self.scope is not None and self.wrapped.scope is not None:
       nn.share_scope(self, self.wrapped)
@@ -475,13 +481,7 @@ class SimulateQuantizedDense(_QuantizedWrapper):
       Q4_0_TRANSPOSE the input size to be multiples of 32.
   """
 
-  _: dataclasses.KW_ONLY
-  wrapped: nn.Module
-  method: QuantizationMethod | str = QuantizationMethod.INT4
-
-  def __post_init__(self):
-    self._setup_checks(nn.Dense, packed=False)
-    super().__post_init__()
+  _wrapped_type = nn.Dense
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -517,13 +517,7 @@ class SimulateQuantizedEinsum(_QuantizedWrapper):
     method: a `QuantizationMethod` (or its name).
   """
 
-  _: dataclasses.KW_ONLY
-  wrapped: nn.Module
-  method: QuantizationMethod | str = QuantizationMethod.INT4
-
-  def __post_init__(self):
-    self._setup_checks(nn.Einsum, packed=False)
-    super().__post_init__()
+  _wrapped_type = nn.Einsum
 
   @nn.compact
   def __call__(self, inputs: Array, einsum_str: str | None = None) -> Array:
@@ -571,15 +565,8 @@ class Int4Dense(_QuantizedWrapper):
     method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE.
   """
 
-  _: dataclasses.KW_ONLY
-  wrapped: nn.Module
-  method: QuantizationMethod | str = QuantizationMethod.INT4
-
+  _wrapped_type = nn.Dense
   _peft_packed = True
-
-  def __post_init__(self):
-    self._setup_checks(nn.Dense, packed=True)
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -627,15 +614,8 @@ class Int4Einsum(_QuantizedWrapper):
     method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE.
   """
 
-  _: dataclasses.KW_ONLY
-  wrapped: nn.Module
-  method: QuantizationMethod | str = QuantizationMethod.INT4
-
+  _wrapped_type = nn.Einsum
   _peft_packed = True
-
-  def __post_init__(self):
-    self._setup_checks(nn.Einsum, packed=True)
-    super().__post_init__()
 
   @nn.compact
   def __call__(self, inputs: Array, einsum_str: str | None = None) -> Array:
