@@ -270,6 +270,11 @@ class _LoRAWrapper(nn.Module):
 
   _wrapped_type: ClassVar[type[nn.Module]]
 
+  def _adapter_fields(self) -> dict[str, Any]:
+    """The adapter's arguments that come from the wrapper's own fields."""
+    return dict(alpha=self.alpha, dtype=self.dtype, a_init=self.a_init,
+                b_init=self.b_init, kernel_sharding=_kernel_box(self))
+
   def __post_init__(self):
     _check_rank(self.rank, type(self).__name__)
     _check_wrapped(type(self).__name__, self.wrapped, self._wrapped_type)
@@ -511,11 +516,7 @@ class LoRADense(_LoRAWrapper):
         name='lora',
         rank=self.rank,
         features=_base_layer(self.wrapped).features,
-        alpha=self.alpha,
-        dtype=self.dtype,
-        a_init=self.a_init,
-        b_init=self.b_init,
-        kernel_sharding=_kernel_box(self),
+        **self._adapter_fields(),
     )
     return y + adapter(inputs)
 
@@ -558,11 +559,7 @@ class LoRAEinsum(_LoRAWrapper):
         rank=self.rank,
         einsum_str=einsum_str,
         shape=tuple(base.shape),
-        alpha=self.alpha,
-        dtype=self.dtype,
-        a_init=self.a_init,
-        b_init=self.b_init,
-        kernel_sharding=_kernel_box(self),
+        **self._adapter_fields(),
     )
     return y + adapter(inputs)
 
@@ -600,10 +597,6 @@ class LoRADenseGeneral(_LoRAWrapper):
         features=base.features,
         axis=base.axis,
         batch_dims=base.batch_dims,
-        alpha=self.alpha,
-        dtype=self.dtype,
-        a_init=self.a_init,
-        b_init=self.b_init,
-        kernel_sharding=_kernel_box(self),
+        **self._adapter_fields(),
     )
     return y + adapter(inputs)
