@@ -290,7 +290,19 @@ class _LoRAWrapper(nn.Module):
 # ---------------------------------------------------------------------------
 
 
-class LoRADenseAdapter(nn.Module):
+class _LoRAAdapterBase(nn.Module):
+  """The fields every linen adapter has (see `LoRADenseAdapter`)."""
+
+  _: dataclasses.KW_ONLY
+  rank: int
+  alpha: float | None = None
+  dtype: Any = jnp.float32
+  a_init: Initializer = _A_INIT
+  b_init: Initializer = _B_INIT
+  kernel_sharding: Any = None
+
+
+class LoRADenseAdapter(_LoRAAdapterBase):
   """Only the LoRA branch of a dense layer: `(x @ a @ b) * alpha / rank`.
 
   Params `a: [in, rank]` (kaiming uniform) and `b: [rank, features]` (zeros);
@@ -328,13 +340,7 @@ class LoRADenseAdapter(nn.Module):
   """
 
   _: dataclasses.KW_ONLY
-  rank: int
   features: int
-  alpha: float | None = None
-  dtype: Any = jnp.float32
-  a_init: Initializer = _A_INIT
-  b_init: Initializer = _B_INIT
-  kernel_sharding: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -349,7 +355,7 @@ class LoRADenseAdapter(nn.Module):
     )
 
 
-class LoRAEinsumAdapter(nn.Module):
+class LoRAEinsumAdapter(_LoRAAdapterBase):
   """Only the LoRA branch of an einsum layer: `einsum(x, a, b) * alpha / rank`.
 
   `einsum_str='inputs,weights->outputs'` is rewritten `'inputs,a,b->outputs'`
@@ -374,14 +380,8 @@ class LoRAEinsumAdapter(nn.Module):
   """
 
   _: dataclasses.KW_ONLY
-  rank: int
   einsum_str: str
   shape: Sequence[int]
-  alpha: float | None = None
-  dtype: Any = jnp.float32
-  a_init: Initializer = _A_INIT
-  b_init: Initializer = _B_INIT
-  kernel_sharding: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -413,7 +413,7 @@ def _normalize_axes(axes, ndim: int, what: str) -> tuple[int, ...]:
   return tuple(out)
 
 
-class LoRADenseGeneralAdapter(nn.Module):
+class LoRADenseGeneralAdapter(_LoRAAdapterBase):
   """Only the LoRA branch of an `nn.DenseGeneral`: `x @ a @ b` over `axis`.
 
   With `batch_dims` of sizes `B`, contracted axes of sizes `I` and `features`
@@ -438,15 +438,9 @@ class LoRADenseGeneralAdapter(nn.Module):
   """
 
   _: dataclasses.KW_ONLY
-  rank: int
   features: int | Sequence[int]
   axis: int | Sequence[int] = -1
   batch_dims: Sequence[int] = ()
-  alpha: float | None = None
-  dtype: Any = jnp.float32
-  a_init: Initializer = _A_INIT
-  b_init: Initializer = _B_INIT
-  kernel_sharding: Any = None
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
