@@ -168,7 +168,7 @@ _PROBE = """
   if (t) { out.textContent = 'RENDERED:' + t; }
   else if (n > 0) { setTimeout(() => poll(n - 1), 50); }
   else { out.textContent = 'TIMEOUT'; }
-})(200);
+})(1200);  // up to 60 s of (virtual) time
 </script>
 """
 
@@ -179,7 +179,7 @@ def _chromium(args, tmp_path, name):
       '--disable-quic', '--no-first-run', '--disable-background-networking',
       '--disable-component-update', '--disable-sync',
       f'--user-data-dir={tmp_path / ("profile-" + name)}',
-      '--virtual-time-budget=10000',
+      '--virtual-time-budget=60000',
   ]
   return subprocess.run(flags + args, capture_output=True, text=True,
                         timeout=180, check=False)
