@@ -13,6 +13,7 @@ Examples:
   (1, 4)
 """
 
+from peft.nnx.adapters import adapter_filter
 from peft.nnx.adapters import combine_adapters
 from peft.nnx.adapters import delete_adapter
 from peft.nnx.adapters import disable_adapters
@@ -79,6 +80,7 @@ __all__ = [
     'lora_state',
     'summary',
     'ParamSummary',
+    'adapter_filter',
     'list_adapters',
     'set_active_adapters',
     'disable_adapters',

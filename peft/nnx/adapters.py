@@ -46,6 +46,7 @@ from peft.nnx.lora import LoRA
 from peft.nnx.selection import kind_of
 
 __all__ = [
+    'adapter_filter',
     'list_adapters',
     'set_active_adapters',
     'disable_adapters',
@@ -86,6 +87,30 @@ def list_adapters(model: Any) -> list[str]:
   for _, w in _wrappers(model, 'list_adapters'):
     names.extend(n for n in w.adapter_names if n not in names)
   return names
+
+
+def adapter_filter(model: Any, name: str):
+  """An `nnx` filter selecting the parameters of adapter `name` only.
+
+  Use it to train or save one adapter: `nnx.split(model, adapter_filter(
+  model, 'a'), ...)` or `nnx.state(model, adapter_filter(model, 'a'))`.
+
+  Examples:
+    >>> from flax import nnx
+    >>> import peft.nnx as pnnx
+    >>> m = nnx.Sequential(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    >>> m = pnnx.apply_lora(m, rank=1, name='a', rngs=nnx.Rngs(1))
+    >>> m = pnnx.apply_lora(m, rank=1, name='b', rngs=nnx.Rngs(2))
+    >>> sorted(nnx.to_flat_state(nnx.state(m, pnnx.adapter_filter(m, 'b'))))[0][0]
+    ('layers', 0, 'adapters', 'b', 'a')
+
+  Raises:
+    ValueError: the model has no adapter called `name`.
+  """
+  from peft.nnx import surgery  # pylint: disable=g-import-not-at-top
+  prefixes = surgery.adapter_prefixes(model, name)
+  return lambda path, x: isinstance(x, nnx.LoRAParam) and any(
+      tuple(path[:len(p)]) == p for p in prefixes)
 
 
 def _as_weights(active: Any, known: Sequence[str]) -> dict[str, float]:

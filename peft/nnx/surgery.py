@@ -639,7 +639,7 @@ def lora_state(model: Any, name: str | None = None) -> nnx.State:
   if name is None:
     state = nnx.state(model, nnx.LoRAParam)
   else:
-    prefixes = _adapter_prefixes(model, name)
+    prefixes = adapter_prefixes(model, name)
     keep = lambda path, x: isinstance(x, nnx.LoRAParam) and any(
         tuple(path[:len(p)]) == p for p in prefixes)
     state = nnx.state(model, keep)
@@ -651,8 +651,12 @@ def lora_state(model: Any, name: str | None = None) -> nnx.State:
   return state
 
 
-def _adapter_prefixes(model, name: str) -> list[tuple]:
-  """State paths of adapter `name` in every wrapper (all paths to it)."""
+def adapter_prefixes(model, name: str) -> list[tuple]:
+  """State paths of adapter `name` in every wrapper (all paths to it).
+
+  Raises:
+    ValueError: no wrapper has an adapter called `name`.
+  """
   idx = graph.index(model, kind_of, full=False)
   prefixes = []
   for t in idx.tops:
