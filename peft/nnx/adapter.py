@@ -273,6 +273,9 @@ class LoRAAdapter(nnx.Module):
         leading_shape, scale_value(rank, alpha, use_rslora), jnp.float32))
     self.dropout = (nnx.Dropout(float(dropout), rngs=rngs) if dropout
                     else nnx.data(None))
+    # DoRA magnitude per output channel (an nnx.LoRAParam), set by the
+    # wrapper, which knows the base kernel (peft.nnx.dora).
+    self.magnitude = nnx.data(None)
 
   def factors(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`(x, scale * a, b)`: dropout applied, dtypes promoted.

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from peft.geometry import Geometry
+from peft.nnx import dora as _dora
 from peft.nnx import quantized as _q
 from peft.nnx import registry
 from peft.nnx.adapter import _DEFAULT_A_INIT
@@ -228,6 +229,7 @@ class LoRA(nnx.Module):
       init: str = 'default',
       geometry: Geometry | None = None,
       name: str = DEFAULT_NAME,
+      dora: bool = False,
       rngs: nnx.Rngs,
   ):
     if init not in _INITS:
@@ -262,6 +264,69 @@ class LoRA(nnx.Module):
     self.enabled = True
     if init == 'pissa':
       self._pissa_init(base.kernel)
+    if not isinstance(dora, bool):
+      raise TypeError(f'dora must be a bool, got {dora!r}')
+    if dora:
+      self._dora_init(base)
+
+  # -- DoRA ----------------------------------------------------------------
+
+  def _dora_init(self, base: _Base) -> None:
+    """Magnitude = the column norms of `W + s * a @ b` (output unchanged)."""
+    ad = self.lora
+    norm = _per_slice(
+        lambda w, a, b, s: _dora.column_norm(ad.geometry, w, a, b, s),
+        len(ad.leading_shape))(self.base_kernel(), ad.a[...], ad.b[...],
+                               ad.scale[...])
+    names = None
+    if base.names is not None:
+      lead = len(ad.leading_shape)
+      by_letter = dict(zip(ad.geometry.kernel, base.names[lead:]))
+      names = tuple(base.names[:lead]) + tuple(
+          by_letter.get(c) for c in _dora.norm_letters(ad.geometry))
+    from peft.nnx.adapter import _factor_param  # pylint: disable=g-import-not-at-top
+    ad.magnitude = _factor_param(norm.astype(ad.param_dtype), names,
+                                 base.meta)
+
+  def base_kernel(self) -> jax.Array:
+    """The kernel the wrapped layer computes with, as a float32 array.
+
+    The float kernel; for a simulated layer its fake-quantized kernel; for a
+    quantized layer the dequantized storage.
+    """
+    w = self.wrapped
+    if isinstance(w, _q.QuantizedLayer):
+      return jnp.asarray(w.dequantized_kernel(), jnp.float32)
+    if isinstance(w, _q.SimulateQuantized):
+      return jnp.asarray(w.quantized_kernel(), jnp.float32)
+    return jnp.asarray(_float_kernel(w)[...], jnp.float32)
+
+  def _base_bias(self):
+    w = self.wrapped
+    if isinstance(w, (_q.QuantizedLayer, _q.SimulateQuantized)):
+      var = getattr(w, 'bias', None)
+    else:
+      entry = registry.layer_type(w)
+      var = getattr(w, entry.bias, None) if entry.bias else None
+    return None if var is None else var[...]
+
+  def _dora(self, x, y, out_sharding):
+    """`bias + (m / n) * (x @ W + s * x @ a @ b)`, `n` the DoRA norm."""
+    ad = self.lora
+    g = ad.geometry
+    norm = jax.lax.stop_gradient(_dora.column_norm(
+        g, self.base_kernel(), ad.a[...], ad.b[...], ad.scale[...]))
+    mag = jnp.asarray(ad.magnitude[...], jnp.float32)
+    ratio = jnp.where(norm > 0, mag / jnp.where(norm > 0, norm, 1.0), 1.0)
+    xi, a, b = ad.factors(x)
+    lora = jnp.einsum(g.lora_einsum_str(ndim=xi.ndim), xi, a, b,
+                      precision=ad.precision, out_sharding=out_sharding)
+    ratio = _dora.to_output(g, ratio, xi.ndim).astype(y.dtype)
+    bias = self._base_bias()
+    if bias is None:
+      return ratio * (y + lora.astype(y.dtype))
+    bias = jnp.reshape(bias, g.bias_broadcast_shape(xi.ndim)).astype(y.dtype)
+    return bias + ratio * (y - bias + lora.astype(y.dtype))
 
   # -- named adapters ----------------------------------------------------
 
@@ -431,6 +496,13 @@ class LoRA(nnx.Module):
     if not self.enabled:
       return y
     out_sharding = kwargs.get('out_sharding')
+    if self.lora.magnitude is not None or self.adapters is not None and any(
+        ad.magnitude is not None for _, ad in self.named_adapters()):
+      if len(self.adapter_names) > 1:
+        raise ValueError(
+            'DoRA adapters are supported on layers with a single adapter;'
+            ' this layer has ' + str(list(self.adapter_names)))
+      return self._dora(x, y, out_sharding)
     if self.adapter_ids is not None:
       delta = self._per_example(x)
     elif self.adapter_weights is None:
@@ -508,6 +580,16 @@ class LoRA(nnx.Module):
           'this layer routes adapters per example (set_adapter_ids); there is'
           ' no single delta. Call set_active_adapters first.'
       )
+    if self.lora.magnitude is not None:  # DoRA: W' - W
+      ad = self.lora
+      lead = len(ad.leading_shape)
+      w = self.base_kernel()
+      norm = _per_slice(
+          lambda w, a, b, s: _dora.column_norm(ad.geometry, w, a, b, s),
+          lead)(w, ad.a[...], ad.b[...], ad.scale[...])
+      ratio = jnp.asarray(ad.magnitude[...], jnp.float32) / norm
+      ratio = _expand_to_kernel(ad.geometry, ratio)
+      return ratio * (w + ad.delta()) - w
     if self.adapter_weights is None:
       return self.lora.delta()
     weights = self.adapter_weights[...]
@@ -517,6 +599,24 @@ class LoRA(nnx.Module):
   def __treescope_repr__(self, path, subtree_renderer):
     from peft.nnx import visual  # pylint: disable=g-import-not-at-top
     return visual.lora_treescope_repr(self, path, subtree_renderer)
+
+
+def _per_slice(fn, n_lead: int):
+  """`fn` mapped over `n_lead` leading stacking axes of every argument."""
+  for _ in range(n_lead):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def _expand_to_kernel(g: Geometry, v: jax.Array) -> jax.Array:
+  """A per-channel vector `(*lead, *batch, *output)` broadcast to the kernel."""
+  size = dict(zip(g.kernel, g.kernel_shape))
+  letters = _dora.norm_letters(g)
+  ordered = ''.join(c for c in g.kernel if c in letters)
+  moved = jnp.einsum(f'...{letters}->...{ordered}', v)
+  lead = v.shape[:v.ndim - len(letters)]
+  return jnp.reshape(moved, lead + tuple(
+      size[c] if c in letters else 1 for c in g.kernel))
 
 
 def _check_base(wrapper: str, wrapped, accepts: tuple[type, ...]) -> None:

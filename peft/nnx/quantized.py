@@ -1193,3 +1193,5 @@ def _tmp_geometry(self):
 
 _SimulateBase.geometry = property(_tmp_geometry)
 _Int4Base.geometry = property(_tmp_geometry)
+_SimulateBase.quantized_kernel = lambda self: self._quantized_kernel()
+_Int4Base.dequantized_kernel = lambda self: dequantize(self.qarray, jnp.float32)

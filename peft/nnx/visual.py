@@ -135,8 +135,9 @@ def _adapters_label(layer: Any) -> str:
   lora = layer.lora
   names = tuple(getattr(layer, 'adapter_names', ()) or ())
   if len(names) <= 1 and getattr(layer, 'adapter_weights', None) is None:
+    dora = ', dora' if getattr(lora, 'magnitude', None) is not None else ''
     return (f'rank={getattr(lora, "rank", "?")}, '
-            f'scale={_fmt_scale(_value(getattr(lora, "scale", None)))}')
+            f'scale={_fmt_scale(_value(getattr(lora, "scale", None)))}{dora}')
   weights = _value(layer.adapter_weights)
   parts = []
   for i, name in enumerate(names):
