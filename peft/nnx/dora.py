@@ -64,7 +64,11 @@ def column_norm(g: Geometry, w: jax.Array, a: jax.Array, b: jax.Array,
   out = norm_letters(g)
   w, a, b = (jnp.asarray(t, jnp.float32) for t in (w, a, b))
   s = jnp.asarray(scale, jnp.float32)
-  w_sq = jnp.einsum(f'{g.kernel},{g.kernel}->{out}', w, w, precision=hi)
+  # A fused square-and-reduce: no [in, out] temporary (an einsum of w with
+  # itself would transpose a copy of w).
+  kept = ''.join(c for c in g.kernel if c not in g.contracted)
+  w_sq = jnp.einsum(f'{kept}->{out}',
+                    jnp.sum(jnp.square(w), axis=g.contracted_axes))
   wa = jnp.einsum(f'{g.kernel},{a_str}->{g.batch}{r}{g.output}', w, a,
                   precision=hi)
   cross = jnp.einsum(f'{g.batch}{r}{g.output},{b_str}->{out}', wa, b,
