@@ -27,9 +27,10 @@ an error too (it names the path, the type, and how to register it), and
 Examples:
   >>> from flax import nnx
   >>> from peft.nnx import selection
-  >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu)
-  >>> [p for p, _ in selection.select(model)]
-  ['layers/0']
+  >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)),
+  ...                        nnx.Linear(3, 3, rngs=nnx.Rngs(1)))
+  >>> [p for p, _ in selection.select(model, where=r'layers/1')]
+  ['layers/1']
 """
 
 from __future__ import annotations

@@ -18,25 +18,9 @@ Graph walking lives in `peft.nnx.graph`, selection in `peft.nnx.selection`
 and the counts in `peft.nnx.summary`; this module re-exports `replace`,
 `select`, `summary` and `ParamSummary` so `peft.nnx.surgery` keeps its API.
 
-Selectors (`where=`), used by every function above:
-
-* `None`: every supported layer (`nnx.Linear`, `nnx.Einsum`,
-  `nnx.LinearGeneral`, the types registered with `peft.nnx.register_layer`,
-  and their peft wrappers);
-* a type or tuple of types: the layer, the base layer inside a peft wrapper,
-  or a module containing the layer is an instance (so `where=nnx.Linear` also
-  picks `LoRALinear(Linear)`, and `where=MyAttention` picks every layer inside
-  `MyAttention` modules);
-* a string: a regex that must `re.fullmatch` the `/`-joined path, e.g.
-  `r'layers/\\d+/attn/(q|v)_proj'`; a layer reachable by several paths (shared)
-  matches if any of its paths does;
-* a callable `(path, module) -> bool`, with `path` a tuple of keys (str/int) —
-  the first path the walk reaches the layer by — and `module` the layer as it
-  sits in the model (for a LoRA-wrapped layer: the wrapper).
-
-A selector that matches nothing raises a `ValueError` listing the paths it
-could have matched (no silent no-ops), and `expected_count=n` makes any other
-number of matches an error too.
+Every operation takes `where=` (a type, a path regex, a predicate, or None
+for every supported layer; see `peft.nnx.selection`), `expected_count=` and
+`dry_run=True`; a selector that matches nothing is an error.
 
 Examples:
   >>> from flax import nnx
