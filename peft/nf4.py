@@ -49,7 +49,7 @@ Examples:
   >>> q.codes.shape, q.codes.dtype, q.absmax.shape
   ((128,), dtype('uint8'), (4,))
   >>> w_hat = nf4.dequantize_nf4(q)
-  >>> bool(jnp.abs(w_hat - w).max() <= 0.14)
+  >>> bool(jnp.abs(w_hat - w).max() <= 0.16)  # half the widest codebook gap
   True
   >>> bool((nf4.simulate_nf4(w) == w_hat).all())
   True
@@ -58,6 +58,7 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -214,7 +215,7 @@ def nf4_bits_per_weight(block_size: int = 64, double_quant: bool = False,
     4.5
     >>> round(nf4.nf4_bits_per_weight(double_quant=True), 3)
     4.127
-    >>> nf4.nf4_bits_per_weight(64, size=128)  # 64 bytes + 2 float32
+    >>> nf4.nf4_bits_per_weight(64, size=32)  # 16 bytes of codes + 1 float32
     5.0
   """
   block_size = _check_block_size(block_size)
@@ -455,7 +456,7 @@ def quantize_nf4(x: Any, *, block_size: int = 64, double_quant: bool = False,
     >>> w = jnp.array([[0.0, 0.5, -1.0, 2.0]])
     >>> q = nf4.quantize_nf4(w, block_size=4)
     >>> [hex(int(b)) for b in q.codes], q.absmax.tolist()
-    (['0x7a', '0x4f'], [2.0])
+    (['0x7a', '0x2f'], [2.0])
     >>> kernel = jax.random.normal(jax.random.key(0), (128, 32))  # [in, out]
     >>> qk = jax.jit(lambda k: nf4.quantize_nf4(k, axis=0))(kernel)
     >>> bool((qk.codes == nf4.quantize_nf4(kernel.T).codes).all())
@@ -468,6 +469,12 @@ def quantize_nf4(x: Any, *, block_size: int = 64, double_quant: bool = False,
   if x.size == 0:
     raise ValueError(f'quantize_nf4 needs a non-empty array, got shape {x.shape}.')
   _raise_on_non_finite(x)
+  return _quantize(x, block_size, double_quant, axis)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize(x: jax.Array, block_size: int, double_quant: bool,
+              axis: int) -> NF4Array:
   flat = _to_rows(x.astype(jnp.float32), axis)
   n = flat.shape[0]
   blocks = _blocks(flat, block_size)
@@ -531,9 +538,14 @@ def dequantize_nf4(q: NF4Array, dtype: Any = jnp.float32) -> jax.Array:
     >>> from peft import nf4
     >>> w = jnp.array([[0.0, 0.5, -1.0, 2.0]])
     >>> nf4.dequantize_nf4(nf4.quantize_nf4(w, block_size=4)).tolist()
-    [[0.0, 0.49218...,  -1.0, 2.0]]
+    [[0.0, 0.49222..., -1.05014..., 2.0]]
   """
   _check_nf4_array(q)
+  return _dequantize(q, jnp.dtype(dtype))
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _dequantize(q: NF4Array, dtype: Any) -> jax.Array:
   n = q.size
   values = jnp.asarray(NF4_CODEBOOK)[_unpack(q.codes, n).astype(jnp.int32)]
   absmax = _absmax_f32(q)
@@ -557,8 +569,9 @@ def simulate_nf4(x: Any, *, block_size: int = 64, double_quant: bool = False,
   Examples:
     >>> import jax.numpy as jnp
     >>> from peft import nf4
-    >>> nf4.simulate_nf4(jnp.array([0.3, -0.6, 1.2, 0.0]), block_size=4)
-    Array([ 0.29532... , -0.63006..., 1.2 , 0. ], dtype=float32)
+    >>> x = jnp.array([0.3, -0.6, 1.2, 0.0])
+    >>> [round(v, 4) for v in nf4.simulate_nf4(x, block_size=4).tolist()]
+    [0.2953, -0.6301, 1.2, 0.0]
   """
   x = _as_float_array(x, 'x')
   q = quantize_nf4(x, block_size=block_size, double_quant=double_quant,
