@@ -156,6 +156,34 @@ def test_bitsandbytes_c_kernel_row_blocks():
   assert np.abs(nf4.dequantize_nf4(q) - x).max() < 0.2 * np.abs(x).max()
 
 
+def test_8bit_absmax_quantization_equals_bitsandbytes():
+  """The double quantization's 8-bit step against `quantize_blockwise`."""
+  values = _GOLDEN['dynamic8/input']
+  codes, scale = jax.jit(nf4._quantize_dynamic)(values)
+  np.testing.assert_array_equal(np.asarray(codes), _GOLDEN['dynamic8/codes'])
+  assert_bit_equal(scale, _GOLDEN['dynamic8/absmax'])
+  # The fixture exercises bitsandbytes' rules: its codes are not simply the
+  # nearest map value, and the fused multiply-add rounding of its lookup-grid
+  # position matters (flooring the exact position gives other codes).
+  blocks = _blocks_np(values, 256)
+  absmax = np.abs(blocks).max(axis=1)
+  inv = np.float32(1) / np.where(absmax > 0, absmax, np.float32(1))
+  y = np.clip(blocks * inv[:, None], -1, 1).reshape(-1)[:values.size]
+  nearest = np.abs(y[:, None].astype(np.float64)
+                   - BNB_DYNAMIC_CODE[None, :]).argmin(axis=1)
+  assert (nearest != _GOLDEN['dynamic8/codes']).sum() > 0
+  t = ((y + np.float32(1)) * np.float32(0.5)).astype(np.float64)
+  exact_pos = np.floor(t * 65535 + 0.5).astype(np.int64)
+  fma_pos = np.floor((t * 65535 + 0.5).astype(np.float32)).astype(np.int64)
+  mid = (BNB_DYNAMIC_CODE[:-1] + BNB_DYNAMIC_CODE[1:]) * np.float32(0.5)
+  grid = np.arange(65536, dtype=np.float32)
+  table = np.searchsorted(mid, (grid + grid) / np.float32(65535) - 1, 'left')
+  nonzero = np.repeat(absmax > 0, 256)[:values.size]
+  golden = _GOLDEN['dynamic8/codes'][nonzero]
+  np.testing.assert_array_equal(table[fma_pos][nonzero], golden)
+  assert (table[exact_pos][nonzero] != golden).sum() > 10
+
+
 def test_nibble_order_high_first():
   x = np.zeros(64, np.float32)
   x[0], x[1], x[2] = 1.0, -1.0, 0.0  # codes 15, 0, 7
