@@ -34,12 +34,17 @@ Exactness notes. Codes, absmax, 8-bit absmax codes, their scales and the
 dequantized values equal bitsandbytes 0.50.2's CPU results bit for bit
 (golden fixtures in `tests/fixtures/nf4_golden.npz`). The double quantization
 offset is torch's float32 `absmax.mean()`, whose summation order is
-reproduced here (torch's cascade sum with 8-lane vectors, as torch 2.13 runs
-it single-threaded on x86 CPUs); a torch build that sums in another order can
-differ from it by an ulp. XLA flushes float32 subnormals to zero: subnormal
+reproduced here (torch 2.13's CPU cascade sum with 8-lane vectors, as
+measured on the x86 machine that made the fixtures, with 1 and 2 threads); a
+torch build or CPU that sums in another order can differ from it by an ulp. XLA flushes float32 subnormals to zero: subnormal
 inputs count as zeros and a block whose absmax is at least 2**126 (whose
 reciprocal is subnormal) is not reproduced; neither occurs in real weights.
-Zeros give zeros and finite input never gives NaN.
+Zeros give zeros and finite input never gives NaN. bitsandbytes 0.50.2's C
+CPU kernel for `dequantize_4bit` indexes blocks per row (`row * (cols // 64) +
+col // 64`), which disagrees with its own quantization when an even number of
+columns is not a multiple of the block size; `dequantize_nf4` uses the flat
+block index, as bitsandbytes' generic (torch) path and its odd-column fallback
+do, so that it inverts `quantize_nf4` for every shape.
 
 Examples:
   >>> import jax.numpy as jnp
