@@ -184,6 +184,33 @@ def test_8bit_absmax_quantization_equals_bitsandbytes():
   assert (table[exact_pos][nonzero] != golden).sum() > 10
 
 
+def _mean_input(n):
+  """The formula of make_nf4.mean_input: 0.5 + 3 * frac(i * golden ratio)."""
+  i = np.arange(n, dtype=np.float64)
+  return (0.5 + 3.0 * np.modf(i * 0.6180339887498949)[0]).astype(np.float32)
+
+
+@pytest.mark.parametrize('index', range(len(_GOLDEN['torch_mean/sizes'])))
+def test_offset_is_torch_float32_mean(index):
+  n = int(_GOLDEN['torch_mean/sizes'][index])
+  values = _mean_input(n)
+  total = jax.jit(nf4._torch_sum)(values)
+  mean = np.float32(np.asarray(total)) / np.float32(n)
+  assert_bit_equal(mean, _GOLDEN['torch_mean/values'][index])
+
+
+def test_offset_order_matters():
+  """Neither an in-order nor a correctly rounded float32 sum gives torch's mean."""
+  wrong_naive = wrong_exact = 0
+  for n, expected in zip(_GOLDEN['torch_mean/sizes'], _GOLDEN['torch_mean/values']):
+    values = _mean_input(int(n))
+    naive = np.cumsum(values, dtype=np.float32)[-1] / np.float32(n)
+    exact = np.float32(np.sum(values, dtype=np.float64) / n)
+    wrong_naive += int(naive != expected)
+    wrong_exact += int(exact != expected)
+  assert wrong_naive >= 5 and wrong_exact >= 3
+
+
 def test_nibble_order_high_first():
   x = np.zeros(64, np.float32)
   x[0], x[1], x[2] = 1.0, -1.0, 0.0  # codes 15, 0, 7
