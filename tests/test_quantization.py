@@ -21,7 +21,7 @@ from peft.quantization import QArray
 from peft.quantization import QuantizationMethod as QM
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
-REAL_METHODS = [QM.INT4, QM.INT8, QM.Q4_0, QM.Q4_0_TRANSPOSE]
+REAL_METHODS = [QM.INT4, QM.INT8, QM.Q4_0, QM.Q4_0_TRANSPOSE, QM.FP8]
 ALL_METHODS = list(QM)
 
 
@@ -110,7 +110,7 @@ def test_method_from_strings_case_insensitive():
   assert QM('Q4_0_Transpose') is QM.Q4_0_TRANSPOSE
   assert QM.SFP8 == 'sfp8' and isinstance(QM.SFP8, str)
   assert [m.value for m in QM] == [
-      'none', 'int4', 'int8', 'q4_0', 'q4_0_transpose', 'sfp8'
+      'none', 'int4', 'int8', 'q4_0', 'q4_0_transpose', 'sfp8', 'fp8'
   ]
 
 
@@ -509,7 +509,7 @@ def test_axis_to_reduce_validation():
 
 @pytest.mark.parametrize('method', [QM.SFP8, QM.NONE, 'sfp8'])
 def test_quantize_rejects_simulation_only_methods(method):
-  with pytest.raises(ValueError, match='int4, int8, q4_0 and q4_0_transpose'):
+  with pytest.raises(ValueError, match='int4, int8, fp8, q4_0 and q4_0_transpose'):
     quant.quantize(jnp.ones((32, 4)), method)
 
 
