@@ -1350,7 +1350,8 @@ def _dequantize_arrays(
   if method is QuantizationMethod.Q4_0:
     codes = unpack_q4_0(values).astype(jnp.float32)  # (*lead, K // 32, 32)
     out = scale.astype(jnp.float32)[..., None] * (codes - jnp.float32(8.0))
-    return out.reshape(*out.shape[:-2], -1).astype(dtype)
+    *lead, n_blocks, block = out.shape
+    return out.reshape(*lead, n_blocks * block).astype(dtype)
   # Q4_0_TRANSPOSE: transpose the packed bytes (an eighth of the float
   # output's size) to (*lead, K // 32, 16, N), then unpack along axis -2.
   packed = jnp.moveaxis(values, -3, -1)
