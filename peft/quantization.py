@@ -529,13 +529,18 @@ def _special_value_stats(x: jax.Array, q4_0: bool) -> jax.Array:
   if q4_0:
     huge = jnp.abs(flat) >= jnp.float32(_Q4_0_MAX_MAGNITUDE)
     huge = huge & ~nonfinite
+    huge_stats = [
+        jnp.sum(huge, dtype=jnp.int32),
+        jnp.argmax(huge).astype(jnp.int32),
+    ]
   else:
-    huge = jnp.zeros_like(nonfinite)
+    # Literal zeros: an argmax over a constant array would be constant-folded
+    # by XLA, which takes minutes for a 1024 x 1024 array.
+    huge_stats = [jnp.int32(0), jnp.int32(0)]
   return jnp.stack([
       jnp.sum(nonfinite, dtype=jnp.int32),
       jnp.argmax(nonfinite).astype(jnp.int32),
-      jnp.sum(huge, dtype=jnp.int32),
-      jnp.argmax(huge).astype(jnp.int32),
+      *huge_stats,
   ])
 
 
