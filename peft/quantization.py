@@ -519,10 +519,13 @@ def _reduce_finite(reduce_fn, x: jax.Array):
 
 
 def _special_value_stats(x: jax.Array, q4_0: bool) -> jax.Array:
-  """int32 `[n_nonfinite, first_nonfinite, n_huge, first_huge]` (flat indices).
+  """int32 `[n_nonfinite, first_nonfinite, n_huge, first_huge, *values]`.
 
   `huge` counts the finite values too large for Q4_0's float16 scale (0 when
-  `q4_0` is False). A first index is meaningless when its count is 0.
+  `q4_0` is False); `first_*` are flat indices (meaningless when the count is
+  0) and `values` the float32 bits of the values there, so that the message
+  needs nothing but these statistics (`x` may be a tracer with concrete
+  statistics, e.g. under `jax.grad`).
   """
   flat = x.reshape(-1)
   nonfinite = ~jnp.isfinite(flat)
@@ -537,10 +540,13 @@ def _special_value_stats(x: jax.Array, q4_0: bool) -> jax.Array:
     # Literal zeros: an argmax over a constant array would be constant-folded
     # by XLA, which takes minutes for a 1024 x 1024 array.
     huge_stats = [jnp.int32(0), jnp.int32(0)]
+  first_nonfinite = jnp.argmax(nonfinite).astype(jnp.int32)
+  values = flat[jnp.stack([first_nonfinite, huge_stats[1]])]
   return jnp.stack([
       jnp.sum(nonfinite, dtype=jnp.int32),
-      jnp.argmax(nonfinite).astype(jnp.int32),
+      first_nonfinite,
       *huge_stats,
+      *lax.bitcast_convert_type(values, jnp.int32),
   ])
 
 
@@ -548,10 +554,13 @@ def _raise_on_special_values(
     x: jax.Array, method: QuantizationMethod, stats: np.ndarray, name: str
 ) -> None:
   """The eager `quantize` checks, from `_special_value_stats`."""
-  n_nonfinite, first_nonfinite, n_huge, first_huge = (int(v) for v in stats)
+  n_nonfinite, first_nonfinite, n_huge, first_huge = (int(v) for v in stats[:4])
+  nonfinite_value, huge_value = (
+      float(v) for v in np.asarray(stats[4:], np.int32).view(np.float32)
+  )
   if n_nonfinite:
     index = tuple(int(i) for i in np.unravel_index(first_nonfinite, x.shape))
-    value = float(x[index])
+    value = nonfinite_value
     raise ValueError(
         f'quantize: `{name}` contains {n_nonfinite} non-finite value(s) (NaN'
         f' or +-inf), the first at index {index} ({value}); the codes of'
@@ -561,7 +570,7 @@ def _raise_on_special_values(
     )
   if n_huge:
     index = tuple(int(i) for i in np.unravel_index(first_huge, x.shape))
-    value = float(x[index])
+    value = huge_value
     raise ValueError(
         f'quantize: `{name}` has {n_huge} value(s) outside the float16 range'
         f' of {method.name}\'s block scale (magnitude >='
@@ -570,6 +579,17 @@ def _raise_on_special_values(
         ' ggml). Scale it down, or use INT8 / INT4 / FP8, whose scales are'
         ' float32.'
     )
+
+
+def _concrete(a: jax.Array) -> np.ndarray | None:
+  """`np.asarray(a)`, or None if `a` is abstract (a tracer under tracing)."""
+  try:
+    return np.asarray(a)
+  except (
+      jax.errors.TracerArrayConversionError,
+      jax.errors.ConcretizationTypeError,
+  ):
+    return None
 
 
 @functools.partial(jax.jit, static_argnums=1)
@@ -1129,12 +1149,12 @@ def check_quantizable(
   method, x, _, _ = _prepare_real(
       x, method, axis_to_reduce, group_size, 'quantize', name
   )
-  if isinstance(x, jax.core.Tracer) or x.size == 0:
+  if x.size == 0:
     return
-  stats = _special_value_stats_jit(x, method in _Q4_0_METHODS)
-  if isinstance(stats, jax.core.Tracer):  # e.g. a constant under jit
-    return
-  _raise_on_special_values(x, method, np.asarray(stats), name)
+  # Under tracing the statistics are abstract (and, unused, compiled away).
+  stats = _concrete(_special_value_stats_jit(x, method in _Q4_0_METHODS))
+  if stats is not None:
+    _raise_on_special_values(x, method, stats, name)
 
 
 def quantize(
@@ -1195,12 +1215,13 @@ def quantize(
   )
   if x.size == 0:
     values, scale = _empty_storage(x.shape, method, layout)
-  elif isinstance(x, jax.core.Tracer):
-    values, scale = _quantize_arrays(x, method, layout)
   else:
     values, scale, stats = _quantize_arrays_checked(x, method, layout)
-    if not isinstance(stats, jax.core.Tracer):  # e.g. a constant under jit
-      _raise_on_special_values(x, method, np.asarray(stats), 'x')
+    # Under tracing (`x` a tracer, or a constant under jit) the statistics
+    # are abstract: nothing is checked, and XLA drops their unused code.
+    stats = _concrete(stats)
+    if stats is not None:
+      _raise_on_special_values(x, method, stats, 'x')
   return QArray(
       values=values,
       scale=scale,
