@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -21,7 +22,7 @@ from peft.quantization import QArray
 from peft.quantization import QuantizationMethod as QM
 
 Q4_0 = gguf.GGMLQuantizationType.Q4_0
-REAL_METHODS = [QM.INT4, QM.INT8, QM.Q4_0, QM.Q4_0_TRANSPOSE]
+REAL_METHODS = [QM.INT4, QM.INT8, QM.Q4_0, QM.Q4_0_TRANSPOSE, QM.FP8]
 ALL_METHODS = list(QM)
 
 
@@ -91,6 +92,42 @@ def ref_sfp8(x: np.ndarray, axes) -> np.ndarray:
   return (y_q * (np.float32(1) / scale)).astype(np.float32)  # unscale
 
 
+def ref_fp8(x: np.ndarray, axes) -> np.ndarray:
+  """FP8 from its formula: scale = 448 / max|w| (float32), e4m3fn codes of
+  clip(w * scale, -448, 448) rounded by ml_dtypes, times float32(1 / scale)."""
+  x = np.asarray(x, np.float32)
+  amax = np.max(np.abs(x), axis=axes, keepdims=True)
+  with np.errstate(divide='ignore'):
+    scale = np.float32(448) / amax
+  scale = np.where(np.isfinite(scale), scale, np.float32(1)).astype(np.float32)
+  y = np.clip(x * scale, np.float32(-448), np.float32(448))
+  codes = y.astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  return (codes * (np.float32(1) / scale)).astype(np.float32)
+
+
+def ref_grouped(x: np.ndarray, method, axes, group_size) -> np.ndarray:
+  """Group-wise reference: move the contracted `axes` to the front, flatten
+  them, cut them into rows of `group_size` and apply the per-channel
+  reference with the max over each row."""
+  x = np.asarray(x, np.float32)
+  axes = tuple(sorted(a % x.ndim for a in axes))
+  rest = [a for a in range(x.ndim) if a not in axes]
+  moved = np.transpose(x, (*axes, *rest))
+  rest_shape = moved.shape[len(axes):]
+  flat = moved.reshape(-1, group_size, *rest_shape)  # (groups, g, *rest)
+  out = _REFS[QM(method)](flat, (1,))
+  out = out.reshape(moved.shape)
+  return np.transpose(out, np.argsort((*axes, *rest)))
+
+
+_REFS = {
+    QM.INT4: lambda x, axes: ref_int(x, 4, axes),
+    QM.INT8: lambda x, axes: ref_int(x, 8, axes),
+    QM.SFP8: lambda x, axes: ref_sfp8(x, axes),
+    QM.FP8: lambda x, axes: ref_fp8(x, axes),
+}
+
+
 def _default_axes(ndim):
   return tuple(range(ndim - 1))
 
@@ -110,7 +147,7 @@ def test_method_from_strings_case_insensitive():
   assert QM('Q4_0_Transpose') is QM.Q4_0_TRANSPOSE
   assert QM.SFP8 == 'sfp8' and isinstance(QM.SFP8, str)
   assert [m.value for m in QM] == [
-      'none', 'int4', 'int8', 'q4_0', 'q4_0_transpose', 'sfp8'
+      'none', 'int4', 'int8', 'q4_0', 'q4_0_transpose', 'sfp8', 'fp8'
   ]
 
 
@@ -509,7 +546,7 @@ def test_axis_to_reduce_validation():
 
 @pytest.mark.parametrize('method', [QM.SFP8, QM.NONE, 'sfp8'])
 def test_quantize_rejects_simulation_only_methods(method):
-  with pytest.raises(ValueError, match='int4, int8, q4_0 and q4_0_transpose'):
+  with pytest.raises(ValueError, match='int4, int8, fp8, q4_0 and q4_0_transpose'):
     quant.quantize(jnp.ones((32, 4)), method)
 
 
@@ -628,7 +665,7 @@ _SPECIAL_SHAPES = [(32, 32), (64, 4), (64, 64), (3, 64)]
 
 
 def _methods_for(shape):
-  out = [QM.INT4, QM.INT8, QM.SFP8]
+  out = [QM.INT4, QM.INT8, QM.SFP8, QM.FP8]
   if shape[-1] % 32 == 0:
     out.append(QM.Q4_0)
   if len(shape) >= 2 and shape[-2] % 32 == 0:
@@ -645,6 +682,8 @@ def _ref(x32: np.ndarray, method) -> np.ndarray:
     return ref_int(x32, 8, axes)
   if method == QM.SFP8:
     return ref_sfp8(x32, axes)
+  if method == QM.FP8:
+    return ref_fp8(x32, axes)
   if method == QM.Q4_0:
     return ref_q4_0(x32)
   return ref_q4_0(np.ascontiguousarray(x32.T)).T  # Q4_0_TRANSPOSE, 2-D
@@ -708,7 +747,7 @@ def test_simulate_special_values_bfloat16(method):
   )
 
 
-@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.SFP8])
+@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.SFP8, QM.FP8])
 def test_tiny_or_zero_channel_gives_zeros_never_nan(method):
   x = _rng(23).standard_normal((16, 4)).astype(np.float32)
   x[:, 0] = 0.0
@@ -722,7 +761,7 @@ def test_tiny_or_zero_channel_gives_zeros_never_nan(method):
   assert np.isfinite(out[:, 3]).all()
 
 
-@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.SFP8])
+@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.SFP8, QM.FP8])
 def test_huge_channel_stays_finite(method):
   # Near float32's max: the SFP8 scale 1.875 / max|w| would be subnormal.
   x = np.ones((8, 3), np.float32)
@@ -734,7 +773,7 @@ def test_huge_channel_stays_finite(method):
   assert np.isfinite(out).all()
   x64, out64 = x.astype(np.float64), out.astype(np.float64)
   amax = np.abs(x64).max(axis=0, keepdims=True)
-  step = amax / {QM.INT4: 7, QM.INT8: 127, QM.SFP8: 8}[method]
+  step = amax / {QM.INT4: 7, QM.INT8: 127, QM.SFP8: 8, QM.FP8: 16}[method]
   assert (np.abs(out64 - x64) <= step).all()
 
 
@@ -819,3 +858,407 @@ def test_q4_0_float16_scale_limit():
   assert_bit_equal(_simulate_np(x, QM.Q4_0), ref)
   assert_bit_equal(quant.dequantize(qa), ref)
   assert np.isfinite(ref[[0, 2]]).all() and np.isfinite(ref[1, :32]).all()
+
+
+# ----------------------------------------------------------------------------
+# FP8 (float8_e4m3fn storage).
+
+_F32_MAX = np.finfo(np.float32).max
+
+
+@pytest.mark.parametrize(
+    'shape,axis_to_reduce',
+    [((64, 8), None), ((4, 6, 5), (0, 2)), ((4, 6, 5), 1), ((7,), None)],
+)
+def test_fp8_matches_formula(shape, axis_to_reduce):
+  rng = _rng(30)
+  # Magnitudes over many binades, so that scaled values reach e4m3fn's
+  # subnormals (below 2**-6) and its rounding to zero (below 2**-10).
+  x = rng.choice([-1, 1], shape) * 10.0 ** rng.uniform(-6, 1, shape)
+  x = x.astype(np.float32)
+  axes = (
+      _default_axes(len(shape)) if axis_to_reduce is None
+      else tuple(np.atleast_1d(axis_to_reduce))
+  )
+  out = _simulate_np(x, QM.FP8, axis_to_reduce)
+  assert_bit_equal(out, ref_fp8(x, axes))
+  qa = quant.quantize(x, QM.FP8, axis_to_reduce)
+  assert qa.values.dtype == jnp.float8_e4m3fn and qa.values.shape == x.shape
+  assert qa.scale.dtype == jnp.float32
+  assert_bit_equal(quant.dequantize(qa), out)
+
+
+def test_fp8_rounds_to_nearest_even_and_saturates():
+  # Channel max 448: scale exactly 1, so the values below are the codes.
+  cases = [  # (value, expected)
+      (448.0, 448.0),
+      (1.0 + 2**-4, 1.0),  # tie between 1 and 1.125: even
+      (1.0 + 3 * 2**-4, 1.25),  # tie between 1.125 and 1.25: even
+      (1.0 + 2**-4 + 2**-20, 1.125),
+      (2**-7, 2**-7),  # subnormal e4m3fn: step 2**-9
+      (2**-9, 2**-9),
+      (2**-10, 0.0),  # tie between 0 and 2**-9: even (0)
+      (2**-10 + 2**-20, 2**-9),
+      (-3 * 2**-10, -2 * 2**-9),  # tie between 2**-9 and 2**-8: even
+      (-0.0, -0.0),
+      (240.0 + 8.0, 256.0),  # tie between 240 and 256: even mantissa
+      (300.0, 288.0),
+  ]
+  values = np.array([v for v, _ in cases], np.float32)
+  x = np.stack([np.full_like(values, 448.0), values])
+  out = _simulate_np(x, QM.FP8)
+  assert_bit_equal(out[1], np.array([e for _, e in cases], np.float32))
+  assert_bit_equal(out, ref_fp8(x, (0,)))
+
+
+def test_fp8_nbytes_one_byte_per_weight():
+  x = jnp.ones((256, 64), jnp.float32)
+  assert quant.quantize(x, QM.FP8).nbytes == 256 * 64 + 64 * 4
+  assert quant.quantize(x, QM.FP8, group_size=128).nbytes == (
+      256 * 64 + 2 * 64 * 4
+  )
+
+
+@settings(max_examples=25, deadline=None)
+@given(x=_arrays([(8, 4), (3, 5, 2), (16,)]))
+def test_property_fp8_error_bound_and_round_trip(x):
+  x = _no_tiny(x)
+  out = _simulate_np(x, QM.FP8)
+  axes = _default_axes(x.ndim)
+  amax = np.abs(x).max(axis=axes, keepdims=True).astype(np.float64)
+  scale = np.where(amax == 0, 1.0, 448.0 / np.where(amax == 0, 1.0, amax))
+  x64 = x.astype(np.float64)
+  # e4m3fn keeps 3 mantissa bits: half an ulp is 2**-4 of the magnitude in
+  # its normal range (>= 2**-6 after scaling), 2**-10 / scale below it; plus
+  # the float32 roundings of w * scale and code / scale.
+  bound = np.maximum(np.abs(x64) * 2.0**-4, 2.0**-10 / scale)
+  err = np.abs(out.astype(np.float64) - x64)
+  assert (err <= bound * (1 + 1e-6) + 1e-6 * np.abs(x64)).all()
+  assert np.isfinite(out).all()
+  assert_bit_equal(out, ref_fp8(x, axes))
+  assert_bit_equal(quant.dequantize(quant.quantize(x, QM.FP8)), out)
+
+
+# ----------------------------------------------------------------------------
+# Group-wise scales.
+
+_GROUP_METHODS = [QM.INT4, QM.INT8, QM.FP8, QM.SFP8]
+
+
+@pytest.mark.parametrize('method', _GROUP_METHODS)
+@pytest.mark.parametrize(
+    'shape,axis_to_reduce,group_size,expected_scale_shape',
+    [
+        ((256, 8), None, 32, (8, 8)),
+        ((256, 8), 0, 128, (2, 8)),
+        ((4, 64, 6), (0, 1), 128, (2, 1, 6)),  # a group spans 2 rows of 64
+        ((4, 64, 6), (0, 1), 32, (4, 2, 6)),
+        ((4, 6, 64), 2, 32, (4, 6, 2)),  # contracted axis last
+        ((8, 3, 32), (0, 2), 64, (4, 3, 1)),  # contracted axes not adjacent
+        ((64, 8), None, 64, (1, 8)),  # one group = per channel
+    ],
+)
+def test_group_matches_reference(
+    method, shape, axis_to_reduce, group_size, expected_scale_shape
+):
+  x = (_rng(31).standard_normal(shape) ** 3).astype(np.float32)
+  axes = (
+      _default_axes(len(shape)) if axis_to_reduce is None
+      else tuple(np.atleast_1d(axis_to_reduce))
+  )
+  out = np.asarray(quant.simulate_quantize(
+      x, method, axis_to_reduce, group_size=group_size))
+  assert_bit_equal(out, ref_grouped(x, method, axes, group_size))
+  assert quant.scale_shape(
+      shape, QM.INT8, axis_to_reduce, group_size=group_size
+  ) == expected_scale_shape
+  if method in REAL_METHODS:
+    qa = quant.quantize(x, method, axis_to_reduce, group_size=group_size)
+    assert qa.group_size == group_size
+    assert qa.scale.shape == expected_scale_shape
+    assert_bit_equal(quant.dequantize(qa), out)
+
+
+def test_group_of_whole_contracted_axis_equals_per_channel():
+  x = _rng(32).standard_normal((4, 32, 8)).astype(np.float32)
+  for method in _GROUP_METHODS:
+    assert_bit_equal(
+        quant.simulate_quantize(x, method, (0, 1), group_size=128),
+        quant.simulate_quantize(x, method, (0, 1)),
+    )
+
+
+def test_group_scale_layout_and_values():
+  # [K, N] kernel: scale (K // g, N); scale i covers rows [i*g, (i+1)*g).
+  x = _rng(33).standard_normal((128, 4)).astype(np.float32)
+  qa = quant.quantize(x, 'int8', group_size=32)
+  expected = np.float32(127) / np.abs(x.reshape(4, 32, 4)).max(axis=1)
+  np.testing.assert_array_equal(np.asarray(qa.scale), expected)
+  values = np.asarray(qa.values).astype(np.float32).reshape(4, 32, 4)
+  assert_bit_equal(
+      np.asarray(quant.dequantize(qa)).reshape(4, 32, 4),
+      values * (np.float32(1) / expected)[:, None, :],
+  )
+  # Storage: int4 values plus one float32 per group and channel.
+  assert quant.quantize(x, 'int4', group_size=32).nbytes == 128 * 4 // 2 + 64
+
+
+def test_group_errors():
+  x = jnp.ones((96, 4))
+  with pytest.raises(ValueError, match=r'group_size.*64.*96'):
+    quant.simulate_quantize(x, 'int4', group_size=64)
+  with pytest.raises(ValueError, match=r'group_size.*straddle.*axis 1'):
+    quant.quantize(jnp.ones((4, 48, 2)), 'int8', (0, 1), group_size=64)
+  with pytest.raises(ValueError, match=r'group_size.*Q4_0'):
+    quant.simulate_quantize(jnp.ones((4, 64)), 'q4_0', group_size=32)
+  with pytest.raises(ValueError, match='group_size'):
+    quant.quantize(x, 'int8', group_size=0)
+  with pytest.raises(TypeError, match='group_size'):
+    quant.quantize(x, 'int8', group_size=32.0)
+  with pytest.raises(TypeError, match='group_size'):
+    quant.simulate_quantize(x, 'int8', group_size=True)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    x=_arrays([(64, 3), (2, 32, 2), (128, 1)]),
+    method=st.sampled_from([QM.INT4, QM.INT8]),
+    group_size=st.sampled_from([32, 64]),
+)
+def test_property_group_error_bound(x, method, group_size):
+  x = _no_tiny(x)
+  axes = _default_axes(x.ndim)
+  if np.prod([x.shape[a] for a in axes]) % group_size:
+    group_size = 32
+  qmax = 7 if method == QM.INT4 else 127
+  out = np.asarray(quant.simulate_quantize(x, method, group_size=group_size))
+  # Per group of `group_size` consecutive contracted values of a channel
+  # (both shapes contract leading axes), the error is at most half a step,
+  # max|w| / qmax / 2, of its own group.
+  n = x.shape[-1]
+  groups = x.reshape(-1, group_size, n).astype(np.float64)
+  err = np.abs(out.reshape(groups.shape).astype(np.float64) - groups)
+  half_step = np.abs(groups).max(axis=1, keepdims=True) / qmax / 2
+  assert (err <= half_step * (1 + 1e-6) + 1e-6 * np.abs(groups)).all()
+  qa = quant.quantize(x, method, group_size=group_size)
+  assert_bit_equal(quant.dequantize(qa), out)
+
+
+def _relative_rms_error(w, w_q):
+  w, w_q = np.asarray(w, np.float64), np.asarray(w_q, np.float64)
+  return np.sqrt(np.mean((w_q - w) ** 2) / np.mean(w ** 2))
+
+
+def test_group_quality_on_heavy_tailed_weights():
+  # Student-t with 3 degrees of freedom: outliers make per-channel scales
+  # coarse; groups of 32 confine each outlier to its group.
+  w = np.random.default_rng(0).standard_t(3, (1024, 1024)).astype(np.float32)
+  per_channel = _relative_rms_error(w, quant.simulate_quantize(w, 'int4'))
+  errors = {
+      g: _relative_rms_error(
+          w, quant.dequantize(quant.quantize(w, 'int4', group_size=g)))
+      for g in (32, 64, 128)
+  }
+  assert errors[32] <= 0.7 * per_channel, (errors, per_channel)
+  assert errors[32] < errors[64] < errors[128] < per_channel
+
+
+def test_group_storage_names():
+  names = ('embed', 'mlp')
+  assert quant.storage_names(
+      'int4', names, (0,), group_size=32, shape=(256, 64)
+  ) == (names, names)
+  assert quant.storage_names(
+      'fp8', names, (0,), group_size=256, shape=(256, 64)
+  ) == (names, (None, 'mlp'))
+  # (heads, head_dim, embed) contracting heads and head_dim, groups of 128:
+  # a group covers all of head_dim (size-1 scales there) and 2 heads.
+  assert quant.storage_names(
+      'int8', ('heads', 'kv', 'embed'), (0, 1), group_size=128,
+      shape=(8, 64, 512),
+  ) == (('heads', 'kv', 'embed'), ('heads', None, 'embed'))
+  with pytest.raises(ValueError, match='shape'):
+    quant.storage_names('int4', names, (0,), group_size=32)
+
+
+# ----------------------------------------------------------------------------
+# Huge finite inputs give finite results (issue 11, item 9).
+
+
+@pytest.mark.parametrize('method', [QM.INT4, QM.INT8, QM.FP8, QM.SFP8])
+@pytest.mark.parametrize('group_size', [None, 32])
+def test_huge_finite_inputs_give_finite_results(method, group_size):
+  x = _rng(34).standard_normal((64, 6)).astype(np.float32)
+  x[5, 0] = _F32_MAX
+  x[9, 1] = -_F32_MAX
+  x[:, 2] = np.float32(3.3e38) * np.sign(x[:, 2])
+  x[7, 3] = np.nextafter(_F32_MAX, np.float32(0))
+  x[:, 4] = np.float32(1.7e38)
+  out = np.asarray(quant.simulate_quantize(x, method, group_size=group_size))
+  assert np.isfinite(out).all()
+  # Within a step of the value: max|group| / qmax (SFP8: 3 mantissa bits).
+  qmax = {QM.INT4: 7, QM.INT8: 127, QM.FP8: 16, QM.SFP8: 8}[method]
+  g = group_size or 64
+  groups = x.reshape(-1, g, 6).astype(np.float64)
+  step = np.abs(groups).max(axis=1, keepdims=True) / qmax
+  assert (np.abs(out.reshape(groups.shape) - groups) <= step).all()
+  # The ordinary channel is untouched by the overflow handling.
+  ref = ref_grouped(x[:, 5:], method, (0,), g)
+  assert_bit_equal(out[:, 5:], ref)
+  if method in REAL_METHODS:
+    qa = quant.quantize(x, method, group_size=group_size)  # no error
+    assert_bit_equal(quant.dequantize(qa), out)
+
+
+def test_float32_max_examples_from_the_issue():
+  for method, value in [('int8', _F32_MAX), ('int4', -_F32_MAX),
+                        ('sfp8', 3.3e38), ('fp8', _F32_MAX)]:
+    x = jnp.array([[value], [1.0]], jnp.float32)
+    out = quant.simulate_quantize(x, method)
+    assert np.isfinite(np.asarray(out)).all(), (method, out)
+    np.testing.assert_allclose(out[0, 0], value, rtol=0.07)
+    if method != 'sfp8':
+      deq = quant.dequantize(quant.quantize(x, method))
+      assert np.isfinite(np.asarray(deq)).all()
+
+
+# ----------------------------------------------------------------------------
+# Straight-through estimator in forward and reverse mode (issue 11, item 13).
+
+
+@pytest.mark.parametrize('method', ALL_METHODS)
+def test_straight_through_forward_and_reverse_modes(method):
+  rng = _rng(35)
+  shape = (2, 32) if method == QM.Q4_0 else (32, 2)
+  x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  t = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  f = lambda x: quant.simulate_quantize(x, method)
+  primal, tangent = jax.jvp(f, (x,), (t,))
+  assert_bit_equal(primal, f(x))
+  assert_bit_equal(tangent, t)
+  assert_bit_equal(jax.jit(lambda x, t: jax.jvp(f, (x,), (t,))[1])(x, t), t)
+  eye = np.eye(x.size, dtype=np.float32).reshape(*x.shape, *x.shape)
+  assert_bit_equal(jax.jacfwd(f)(x), eye)
+  assert_bit_equal(jax.jacrev(f)(x), eye)
+  y, f_lin = jax.linearize(f, x)
+  assert_bit_equal(y, f(x))
+  assert_bit_equal(f_lin(t), t)
+  _, f_vjp = jax.vjp(f, x)
+  assert_bit_equal(f_vjp(t)[0], t)
+  assert_bit_equal(jax.grad(lambda x: jnp.sum(f(x) * t))(x), t)
+  # vmap over a batch of kernels, both modes, under jit.
+  xb = jnp.stack([x, 2 * x, -x])
+  tb = jnp.stack([t, t, 3 * t])
+  batched_jvp = jax.jit(jax.vmap(lambda x, t: jax.jvp(f, (x,), (t,))[1]))
+  assert_bit_equal(batched_jvp(xb, tb), tb)
+  batched_grad = jax.jit(jax.vmap(jax.grad(lambda x, t: jnp.sum(f(x) * t))))
+  assert_bit_equal(batched_grad(xb, tb), tb)
+
+
+def test_straight_through_with_groups_and_bfloat16():
+  x = jnp.asarray(_rng(36).standard_normal((64, 4)), jnp.bfloat16)
+  t = jnp.ones_like(x) * 3
+  f = lambda x: quant.simulate_quantize(x, 'int4', group_size=32)
+  _, tangent = jax.jvp(f, (x,), (t,))
+  assert tangent.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(tangent, np.float32), 3.0)
+  g = jax.grad(lambda x: jnp.sum(f(x).astype(jnp.float32)))(x)
+  np.testing.assert_array_equal(np.asarray(g, np.float32), 1.0)
+
+
+# ----------------------------------------------------------------------------
+# Zero-size arrays (issue 11, item 11).
+
+
+@pytest.mark.parametrize(
+    'shape,method,group_size',
+    [((0, 32), 'int4', None), ((32, 0), 'int8', None), ((0, 32), 'fp8', 32),
+     ((0, 64), 'q4_0', None), ((64, 0), 'q4_0_transpose', None),
+     ((32, 0), 'q4_0', None), ((0, 0), 'sfp8', None), ((0,), 'int4', None)],
+)
+def test_zero_size_gives_empty_results(shape, method, group_size):
+  x = jnp.ones(shape, jnp.float32)
+  out = quant.simulate_quantize(x, method, group_size=group_size)
+  assert out.shape == shape and out.dtype == jnp.float32
+  assert jax.jit(lambda x: quant.simulate_quantize(
+      x, method, group_size=group_size))(x).shape == shape
+  assert jax.grad(lambda x: quant.simulate_quantize(
+      x, method, group_size=group_size).sum())(x).shape == shape
+  if method == 'sfp8':
+    return
+  quant.check_quantizable(x, method, group_size=group_size)
+  qa = quant.quantize(x, method, group_size=group_size)
+  if method in ('int4', 'int8', 'fp8'):
+    assert qa.values.shape == shape
+    assert qa.scale.shape == quant.scale_shape(
+        shape, method, group_size=group_size)
+  assert quant.dequantize(qa).shape == shape
+  jitted = jax.jit(lambda x: quant.quantize(x, method, group_size=group_size))
+  assert quant.dequantize(jitted(x)).shape == shape
+
+
+# ----------------------------------------------------------------------------
+# check_quantizable (issue 11, item 1): eager checks before a jitted quantize.
+
+
+def test_check_quantizable_raises_what_eager_quantize_raises():
+  x = _rng(37).standard_normal((64, 32)).astype(np.float32)
+  x[3, 5] = np.nan
+  for method in ['int4', 'int8', 'fp8', 'q4_0', 'q4_0_transpose']:
+    with pytest.raises(ValueError) as from_quantize:
+      quant.quantize(x, method)
+    with pytest.raises(ValueError) as from_check:
+      quant.check_quantizable(x, method)
+    assert str(from_check.value) == str(from_quantize.value)
+    with pytest.raises(ValueError, match=r'`kernel` contains 1 non-finite'):
+      quant.check_quantizable(x, method, name='kernel')
+  big = np.ones((2, 64), np.float32)
+  big[1, 40] = 1e30
+  with pytest.raises(ValueError, match=r'`kernel`.*float16'):
+    quant.check_quantizable(big, 'q4_0', name='kernel')
+  quant.check_quantizable(big, 'int8')  # float32 scales: fine
+  with pytest.raises(ValueError, match='group_size'):
+    quant.check_quantizable(np.ones((48, 2), np.float32), 'int4',
+                            group_size=32)
+
+
+def test_check_quantizable_is_silent_for_tracers_and_clean_arrays():
+  x = _rng(38).standard_normal((64, 32)).astype(np.float32)
+  assert quant.check_quantizable(x, 'int4', group_size=32) is None
+  bad = x.copy()
+  bad[0, 0] = np.inf
+  # Under jit the values are unknown: no error, as quantize.
+  jax.jit(lambda v: quant.check_quantizable(v, 'int4'))(bad)
+  jax.jit(lambda: quant.check_quantizable(bad, 'q4_0'))()  # a constant
+
+
+# ----------------------------------------------------------------------------
+# Wrong types (issue 11, item 12).
+
+
+@pytest.mark.parametrize('bad', [None, 'abc', [1.0, 'a'], object(), {1: 2}])
+def test_wrong_type_for_x_is_a_type_error(bad):
+  with pytest.raises(TypeError, match=r'`x` must be a floating-point array'):
+    quant.simulate_quantize(bad, 'int4')
+  with pytest.raises(TypeError, match=r'`x` must be a floating-point array'):
+    quant.quantize(bad, 'int8')
+  with pytest.raises(TypeError, match=r'`w` must be a floating-point array'):
+    quant.check_quantizable(bad, 'int8', name='w')
+
+
+@pytest.mark.parametrize('bad', [None, 4, 4.0, QM])
+def test_wrong_type_for_method_is_a_type_error(bad):
+  with pytest.raises(TypeError, match='`method`'):
+    quant.simulate_quantize(jnp.ones((4, 2)), bad)
+
+
+def test_dequantize_checks_dtype_and_layout():
+  qa = quant.quantize(jnp.ones((64, 4)), 'int8', group_size=32)
+  with pytest.raises(TypeError, match='`dtype`'):
+    quant.dequantize(qa, jnp.int32)
+  with pytest.raises(TypeError, match='`dtype`'):
+    quant.dequantize(qa, 'not-a-dtype')
+  broken = QArray(values=qa.values, scale=jnp.ones((3, 4)), method='int8',
+                  shape=(64, 4))
+  with pytest.raises(ValueError, match='inconsistent'):
+    quant.dequantize(broken)
