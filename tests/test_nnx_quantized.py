@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from peft import kernels
 from peft.nnx import quantized as Q
 
 HI = jax.lax.Precision.HIGHEST
@@ -172,7 +173,7 @@ def test_simulate_and_int4_match_reference(name, method, monkeypatch):
   q = int_cls.from_float(layer, method=method)
   np.testing.assert_allclose(_jit_call(q, x), sim, rtol=1e-5, atol=1e-5)
   if name in _TINY_CHUNK_CASES:  # many loop steps plus a tail chunk
-    monkeypatch.setattr(Q, '_CHUNK_ELEMENTS', 7 * 32 * 3)
+    monkeypatch.setattr(kernels, '_CHUNK_ELEMENTS', 7 * 32 * 3)
     np.testing.assert_allclose(_jit_call(q, x), sim, rtol=1e-5, atol=1e-5)
 
 
@@ -313,23 +314,27 @@ def test_stacked_vmap_layers():
       q(x)
 
 
-def test_peft_kind_and_geometry():
+def test_geometry_attributes():
+  from peft.geometry import Geometry
   lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
   lg = nnx.LinearGeneral(64, (2, 32), rngs=nnx.Rngs(0))
   ein = nnx.Einsum('bd,dnh->bnh', (64, 2, 32), rngs=nnx.Rngs(0))
   for mod in (Q.SimulateQuantizedLinear(lin, method='int4'),
               Q.Int4Linear.from_float(lin)):
-    assert mod._peft_kind == 'linear'
+    assert mod.geometry == Geometry.linear(64, 32)
+    assert isinstance(mod, (Q.SimulateQuantized, Q.QuantizedLayer))
     assert (mod.in_features, mod.out_features) == (64, 32)
     assert mod.kernel_shape == (64, 32)
   for mod in (Q.SimulateQuantizedLinearGeneral(lg, method='int4'),
               Q.Int4LinearGeneral.from_float(lg)):
-    assert mod._peft_kind == 'linear_general'
+    assert mod.geometry.contracted_axes == (0,)
+    assert mod.geometry.output_axes == (1, 2)
     assert mod.out_features == (2, 32) and mod.axis == (-1,)
     assert mod.kernel_shape == (64, 2, 32)
   for mod in (Q.SimulateQuantizedEinsum(ein, method='int4'),
               Q.Int4Einsum.from_float(ein)):
-    assert mod._peft_kind == 'einsum'
+    assert mod.geometry.einsum_str == 'bd,dnh->bnh'
+    assert mod.param_dtype == jnp.float32 and mod.kernel_sharding is None
     assert mod.einsum_str == 'bd,dnh->bnh' and mod.kernel_shape == (64, 2, 32)
   # SimulateQuantized* params are the wrapped layer's params.
   sim = Q.SimulateQuantizedLinear(lin, method='q4_0')
@@ -398,7 +403,7 @@ def test_int4_input_gradient_is_blockwise(method, monkeypatch):
   """QLoRA backprops through the frozen base: grad w.r.t. the input matches
   the simulated layer, and the backward pass does not keep every
   dequantized chunk (which would add up to the float kernel)."""
-  monkeypatch.setattr(Q, '_CHUNK_ELEMENTS', 256 * 32)
+  monkeypatch.setattr(kernels, '_CHUNK_ELEMENTS', 256 * 32)
   layer = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
   x = _rand(18, (4, 256))
   ct = _rand(19, (4, 256))
