@@ -370,8 +370,8 @@ def quantized_einsum(
     elif method not in _INT and method not in (
         QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
       plan = None
-    elif method in _INT and math.prod(qarray.scale.shape) != math.prod(
-        kb + kn):  # not per channel (e.g. group-wise scales)
+    elif method in _INT and tuple(qarray.scale.shape) != (
+        geometry.channel_scale_shape()):  # e.g. group-wise scales
       plan = None
     elif method not in _INT and strategy == 'fused':
       plan = None  # the dequantizing expression feeds the dot

@@ -28,7 +28,7 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 from flax import nnx
 import jax
