@@ -1,17 +1,14 @@
 """The two quantized layer classes, for any registered layer geometry.
 
-* `SimulateQuantized(wrapped, method=...)`: quantization-aware training. The
-  wrapped float layer keeps its params (the trainable ones); the forward pass
-  is the layer's own with `simulate_quantize(kernel, method)` (per channel
-  over the contracted axes of the layer's geometry) and the gradient flows
-  straight through to the float kernel.
+* `SimulateQuantized(wrapped, method=...)`: quantization-aware training; the
+  wrapped layer's own forward with `simulate_quantize(kernel, method)` (per
+  channel over the contracted axes of its geometry), straight-through
+  gradient to the float kernel, which stays the trainable param.
 * `QuantizedLayer(geometry, method=...)`: an inference layer holding real
-  packed storage (per-channel int4 / int8, or ggml Q4_0 blocks) in two
+  packed storage (int4 / int8 per channel, or ggml Q4_0 blocks) in two
   `QuantizedWeight` variables, `values` and `scale`, allocated from shapes;
   `QuantizedLayer.from_float(layer)` quantizes a float layer into one. The
-  storage is not an `nnx.Param`, so wrapping the layer in LoRA gives QLoRA.
-  The matmul is `peft.kernels.quantized_einsum` (blockwise dequantization on
-  CPU, a fusable convert-then-dot elsewhere; `strategy=` chooses).
+  matmul is `peft.kernels.quantized_einsum` (`strategy=` chooses how).
 
 `peft.nnx.quantized` re-exports both, with the thin subclasses named after
 flax's layers (`Int4Linear`, `SimulateQuantizedEinsum`, ...); the storage
@@ -331,8 +328,10 @@ class QuantizedLayer(nnx.Module):
       kwargs['promote_dtype'] = layer.promote_dtype
     args = cls._layer_args(layer, geometry)
     new = nnx.eval_shape(lambda: cls(**args, **kwargs))  # nothing allocated
+    # An empty kernel has no values to check: quantize it traced.
+    fn = quantize if kernel.size else jax.jit(quantize, static_argnums=(1, 2))
     try:
-      qarray = quantize(kernel, method, _reduced_axes(geometry, len(lead)))
+      qarray = fn(kernel, method, _reduced_axes(geometry, len(lead)))
     except ValueError as e:
       raise ValueError(f'{what}: kernel of shape {kernel.shape}: {e}') from e
     new._store(qarray, names, kernel_var.get_metadata(), like=kernel)
@@ -470,12 +469,11 @@ class QuantizedLayer(nnx.Module):
     return layer
 
   def _float_kwargs(self) -> dict[str, Any]:
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype,
-              precision=self.precision, promote_dtype=self.promote_dtype,
-              preferred_element_type=self.preferred_element_type,
-              kernel_init=nnx.initializers.zeros_init(),
-              bias_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
-    return kw
+    return dict(dtype=self.dtype, param_dtype=self.param_dtype,
+                precision=self.precision, promote_dtype=self.promote_dtype,
+                preferred_element_type=self.preferred_element_type,
+                kernel_init=nnx.initializers.zeros_init(),
+                bias_init=nnx.initializers.zeros_init(), rngs=nnx.Rngs(0))
 
   def __treescope_repr__(self, path, subtree_renderer):
     from peft.nnx import visual  # pylint: disable=g-import-not-at-top

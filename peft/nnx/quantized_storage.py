@@ -67,7 +67,8 @@ def kernel_names(variable: nnx.Variable) -> tuple[Any, ...] | None:
   """
   names = variable.get_metadata().get('out_sharding')
   ndim = len(getattr(variable.get_value(), 'shape', ()))
-  if not names or not isinstance(names, (tuple, list, jax.sharding.PartitionSpec)):
+  if not names or not isinstance(names,
+                                 (tuple, list, jax.sharding.PartitionSpec)):
     return None
   names = tuple(names)
   if len(names) < ndim:  # stacking axes added without a name
