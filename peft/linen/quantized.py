@@ -168,6 +168,12 @@ def _loaded(make, qarray: _q.QArray, bias) -> _nnx_q.QuantizedLayer:
 # ---------------------------------------------------------------------------
 
 
+def _storage_shapes(kernel_shape, dtype, method) -> _q.QArray:
+  """The storage of a kernel of `kernel_shape`, as shapes (no compute)."""
+  return jax.eval_shape(lambda w: _q.quantize(w, method),
+                        jax.ShapeDtypeStruct(tuple(kernel_shape), dtype))
+
+
 def _check_wrapped(owner: str, wrapped: Any, layer_type: type) -> None:
   if not isinstance(wrapped, layer_type):
     raise TypeError(
@@ -231,10 +237,7 @@ class _QuantizedWrapper(nn.Module):
     owner = type(self).__name__
     path = '/'.join(self.scope.path) or '<root>'
     try:
-      expected = jax.eval_shape(
-          lambda: _q.quantize(jnp.zeros(kernel_shape, wrapped.param_dtype),
-                              method)
-      )
+      expected = _storage_shapes(kernel_shape, wrapped.param_dtype, method)
     except ValueError as e:
       raise ValueError(
           f'{owner} at {path!r}: kernel of shape {tuple(kernel_shape)} cannot'
@@ -295,8 +298,7 @@ class _QuantizedWrapper(nn.Module):
     if method in _LAYOUT_MARKERS and not self.has_variable(
         'params', _LAYOUT_MARKERS[method]):
       other = next(m for m in _LAYOUT_MARKERS if m is not method)
-      twin = jax.eval_shape(lambda: _q.quantize(
-          jnp.zeros(kernel_shape, wrapped.param_dtype), other))
+      twin = _storage_shapes(kernel_shape, wrapped.param_dtype, other)
       if tuple(twin.values.shape) == tuple(values.shape):
         raise ValueError(
             f'{owner} at {path!r}: {method.value} and {other.value} storage of'

@@ -177,16 +177,6 @@ class SimulateQuantizedLinearGeneral(SimulateQuantized):
     return self.wrapped.batch_axis
 
 
-def _check_type(layer, float_type, what):
-  if not isinstance(layer, float_type):
-    raise TypeError(
-        f'{what}: `wrapped` must be an nnx.{float_type.__name__}, got'
-        f' {type(layer).__name__}; use the Int4* class matching the layer'
-        ' type (Linear, Einsum or LinearGeneral), or QuantizedLayer for any'
-        ' registered layer.'
-    )
-
-
 class Int4Linear(QuantizedLayer):
   """`nnx.Linear` with a really quantized (int4 / int8 / Q4_0) kernel.
 
@@ -217,6 +207,8 @@ class Int4Linear(QuantizedLayer):
     ((64, 1, 16), 0.0)
   """
 
+  _float_type = nnx.Linear
+
   def __init__(self, in_features: int, out_features: int, *,
                method: QuantizationMethod | str = _INT4, use_bias: bool = True,
                dtype: Any = None, param_dtype: Any = jnp.float32,
@@ -227,10 +219,6 @@ class Int4Linear(QuantizedLayer):
     geometry = Geometry.linear(in_features, out_features, use_bias=use_bias)
     super().__init__(geometry, method=method, dtype=dtype,
                      param_dtype=param_dtype, precision=precision, **kwargs)
-
-  @classmethod
-  def _check_float(cls, layer, what):
-    _check_type(layer, nnx.Linear, what)
 
   @classmethod
   def _layer_args(cls, layer, geometry):
@@ -265,6 +253,8 @@ class Int4Einsum(QuantizedLayer):
     ((3, 2, 32), 'bd,dnh->bnh')
   """
 
+  _float_type = nnx.Einsum
+
   def __init__(self, einsum_str: str, kernel_shape: Sequence[int],
                bias_shape: Sequence[int] | None = None, *,
                method: QuantizationMethod | str = _INT4, dtype: Any = None,
@@ -276,10 +266,6 @@ class Int4Einsum(QuantizedLayer):
                                     self.bias_shape)
     super().__init__(geometry, method=method, dtype=dtype,
                      param_dtype=param_dtype, precision=precision, **kwargs)
-
-  @classmethod
-  def _check_float(cls, layer, what):
-    _check_type(layer, nnx.Einsum, what)
 
   @classmethod
   def _layer_args(cls, layer, geometry):
@@ -327,6 +313,8 @@ class Int4LinearGeneral(QuantizedLayer):
     ((3, 2, 32), (2, 32))
   """
 
+  _float_type = nnx.LinearGeneral
+
   def __init__(self, in_features: int | Sequence[int],
                out_features: int | Sequence[int], *,
                axis: int | Sequence[int] = -1,
@@ -345,10 +333,6 @@ class Int4LinearGeneral(QuantizedLayer):
         batch_axis=dict(self.batch_axis), use_bias=use_bias)
     super().__init__(geometry, method=method, dtype=dtype,
                      param_dtype=param_dtype, precision=precision, **kwargs)
-
-  @classmethod
-  def _check_float(cls, layer, what):
-    _check_type(layer, nnx.LinearGeneral, what)
 
   @classmethod
   def _layer_args(cls, layer, geometry):

@@ -38,6 +38,8 @@ from peft.nnx import registry
 from peft.nnx.quantized_storage import QuantizedWeight
 from peft.nnx.quantized_storage import as_method as _as_method
 from peft.nnx.quantized_storage import check_block_axis as _check_block_axis
+from peft.nnx.quantized_storage import check_storage as _check_storage
+from peft.nnx.quantized_storage import storage_layout as _storage_layout
 from peft.nnx.quantized_storage import kernel_names as _kernel_names
 from peft.nnx.quantized_storage import storage_variable as _storage_variable
 from peft.quantization import QArray
@@ -203,6 +205,8 @@ class QuantizedLayer(nnx.Module):
     ((64, 2, 8), (1, 2, 8), (3, 2, 8))
   """
 
+  _float_type: type | None = None  # the float layer type `from_float` takes
+
   def __init__(
       self,
       geometry: Geometry,
@@ -231,21 +235,7 @@ class QuantizedLayer(nnx.Module):
     kernels.choose_strategy(strategy)  # ValueError for an unknown one
     leading_shape = tuple(int(d) for d in leading_shape)
     shape = (*leading_shape, *geometry.kernel_shape)
-    _check_block_axis(method, shape, what)
-    if method not in _Q4_0 and 0 in [
-        geometry.kernel_shape[a] for a in geometry.contracted_axes]:
-      raise ValueError(
-          f'{what}: the contracted kernel axes of {geometry.einsum_str!r}'
-          f' have size 0 (kernel shape {geometry.kernel_shape}, e.g.'
-          ' in_features=0): per-channel scales need at least one input'
-          ' feature.'
-      )
-    if kernel_sharding is not None and len(tuple(kernel_sharding)) != len(
-        shape):
-      raise ValueError(
-          f'{what}: kernel_sharding={tuple(kernel_sharding)} must name each'
-          f' of the {len(shape)} kernel axes {shape} (None for unsharded).'
-      )
+    _check_storage(method, geometry, shape, kernel_sharding, what)
     self.geometry = geometry
     self.method = method
     self.dtype = dtype
@@ -255,9 +245,8 @@ class QuantizedLayer(nnx.Module):
     self.promote_dtype = promote_dtype
     self.strategy = strategy
     # The storage of an all-zero kernel, in the codec's own layout.
-    layout = jax.eval_shape(
-        lambda: quantize(jnp.zeros(shape, self.param_dtype), method,
-                         _reduced_axes(geometry, len(leading_shape))))
+    layout = _storage_layout(method, shape, self.param_dtype,
+                             _reduced_axes(geometry, len(leading_shape)))
     values = jnp.zeros(layout.values.shape, layout.values.dtype)
     scale_fill = jnp.zeros if method in _Q4_0 else jnp.ones  # dequantizes to 0
     scale = scale_fill(layout.scale.shape, layout.scale.dtype)
@@ -273,10 +262,6 @@ class QuantizedLayer(nnx.Module):
     """Constructor arguments that fix the geometry, read from `layer`."""
     del layer
     return {'geometry': geometry}
-
-  @classmethod
-  def _check_float(cls, layer, what: str) -> None:
-    del layer, what
 
   @classmethod
   def from_float(cls, layer, *, method=None, strategy: str = 'auto'):
@@ -311,7 +296,11 @@ class QuantizedLayer(nnx.Module):
       layer = layer.wrapped
     method = _as_method(QuantizationMethod.INT4 if method is None else method,
                         what)
-    cls._check_float(layer, what)
+    if cls._float_type is not None and not isinstance(layer, cls._float_type):
+      raise TypeError(
+          f'{what}: `wrapped` must be an nnx.{cls._float_type.__name__}, got'
+          f' {type(layer).__name__}; use the Int4* class of the layer type, or'
+          ' QuantizedLayer for any registered layer.')
     entry = _layer_entry(layer, what)
     geometry = entry.geometry(layer)
     kernel_var = getattr(layer, entry.kernel)

@@ -25,10 +25,12 @@ from flax import nnx
 import jax
 from jax.sharding import NamedSharding
 
+from peft.quantization import QArray
 from peft.quantization import QuantizationMethod
+from peft.quantization import quantize
 
-__all__ = ['QuantizedWeight', 'as_method', 'check_block_axis', 'kernel_names',
-           'storage_variable']
+__all__ = ['QuantizedWeight', 'as_method', 'check_block_axis', 'check_storage',
+           'kernel_names', 'storage_layout', 'storage_variable']
 
 _Q4_0_BLOCK = 32
 
@@ -204,3 +206,47 @@ def check_block_axis(method, kernel_shape, what: str) -> None:
         f' not a multiple of {_Q4_0_BLOCK}. Use a layer whose axis {axis} is'
         f' a multiple of {_Q4_0_BLOCK}, or a per-channel method (int4, int8).'
     )
+
+
+def check_storage(method, geometry, shape, kernel_sharding, what: str):
+  """Raises a ValueError when `geometry` / `shape` cannot hold `method`.
+
+  Checks the Q4_0 block axis, that per-channel scales have something to
+  reduce over, and that `kernel_sharding` names every kernel axis.
+
+  Examples:
+    >>> from peft.geometry import Geometry
+    >>> check_storage(QuantizationMethod.INT4, Geometry.linear(0, 4), (0, 4),
+    ...               None, 'f')
+    Traceback (most recent call last):
+    ...
+    ValueError: f: the contracted kernel axes of '...i,io->...o' have size 0 (kernel shape (0, 4), e.g. in_features=0): per-channel scales need at least one input feature.
+  """
+  check_block_axis(method, shape, what)
+  if method not in (QuantizationMethod.Q4_0,
+                    QuantizationMethod.Q4_0_TRANSPOSE) and 0 in [
+                        geometry.kernel_shape[a]
+                        for a in geometry.contracted_axes]:
+    raise ValueError(
+        f'{what}: the contracted kernel axes of {geometry.einsum_str!r}'
+        f' have size 0 (kernel shape {geometry.kernel_shape}, e.g.'
+        ' in_features=0): per-channel scales need at least one input'
+        ' feature.'
+    )
+  if kernel_sharding is not None and len(tuple(kernel_sharding)) != len(
+      shape):
+    raise ValueError(
+        f'{what}: kernel_sharding={tuple(kernel_sharding)} must name each'
+        f' of the {len(shape)} kernel axes {shape} (None for unsharded).'
+    )
+
+
+def storage_layout(method, shape, dtype, axes) -> QArray:
+  """The storage `QArray` of a kernel of `shape`, as shapes (no compute).
+
+  Examples:
+    >>> storage_layout('q4_0', (64, 32), 'float32', (0,)).values.shape
+    (64, 1, 16)
+  """
+  return jax.eval_shape(lambda w: quantize(w, method, axes),
+                        jax.ShapeDtypeStruct(tuple(shape), dtype))
