@@ -40,6 +40,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -86,16 +87,12 @@ def kernel_shape(q: QArray) -> tuple[int, ...]:
     return (*v[:-2], v[-2] * _Q4_0_BLOCK)
   if q.method is QuantizationMethod.Q4_0_TRANSPOSE:
     return (*v[:-3], v[-2] * _Q4_0_BLOCK, v[-3])
-  if q.method in _INT:
-    return tuple(v)
-  return tuple(q.shape)
+  return tuple(v)  # per-channel / group-scaled values: the kernel's shape
 
 
 def _with_shape(q: QArray) -> QArray:
   shape = kernel_shape(q)
-  if tuple(q.shape) == shape:
-    return q
-  return QArray(values=q.values, scale=q.scale, method=q.method, shape=shape)
+  return q if tuple(q.shape) == shape else dataclasses.replace(q, shape=shape)
 
 
 def choose_strategy(strategy: str = 'auto', x: Any = None) -> str:

@@ -25,6 +25,7 @@ Examples:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Sequence
 
 from flax import nnx
@@ -362,8 +363,7 @@ class QuantizedLayer(nnx.Module):
           f'{type(self).__name__}.weight must be set to a QArray (or a'
           f' QuantizedWeight holding one), got {type(value).__name__}.'
       )
-    value = QArray(value.values, value.scale, value.method,
-                   kernels.kernel_shape(value))
+    value = dataclasses.replace(value, shape=kernels.kernel_shape(value))
     names = meta.get('kernel_sharding')
     if names is None and kernels.kernel_shape(value) == self.kernel_shape:
       old = self.values.get_metadata()
