@@ -297,17 +297,17 @@ class Geometry:
     lonely = [c for c in self.kernel if c not in known]
     if lonely:
       raise ValueError(
-          f'{self.einsum_str!r}: kernel axes {lonely} appear in neither the'
+          f'einsum_str={self.einsum_str!r}: kernel axes {lonely} appear in neither the'
           ' inputs nor the outputs; every kernel axis must be contracted with'
           ' the inputs or kept in the outputs'
       )
     if not self.contracted:
       raise ValueError(
-          f'{self.einsum_str!r}: no kernel axis is contracted with the inputs'
+          f'einsum_str={self.einsum_str!r}: no kernel axis is contracted with the inputs'
       )
     if not self.output:
       raise ValueError(
-          f'{self.einsum_str!r}: no kernel axis reaches the outputs'
+          f'einsum_str={self.einsum_str!r}: no kernel axis reaches the outputs'
       )
     return self
 

@@ -324,12 +324,19 @@ def _is_tunix_einsum(cls: type) -> bool:
           and issubclass(cls, nnx.Module))
 
 
+_SCANNED = 0  # len(sys.modules) at the last scan
+
+
 def _load_optional(cls: type | None = None) -> bool:
   """Registers known third-party layer types; True if `cls` got registered.
 
   Only modules already imported are looked at (nothing is imported here), so
   the cost is a scan of `sys.modules` names when an unknown type is seen.
   """
+  global _SCANNED
+  if len(sys.modules) == _SCANNED:  # nothing imported since the last scan
+    return False
+  _SCANNED = len(sys.modules)
   found = False
   for name, module in list(sys.modules.items()):
     if not name.startswith('tunix.models.') or module is None:
