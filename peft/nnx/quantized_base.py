@@ -447,6 +447,17 @@ class QuantizedLayer(nnx.Module):
     """The float kernel (`param_dtype` by default), with leading axes."""
     return dequantize(self.qarray, dtype or self.param_dtype)
 
+  def to_float(self):
+    """The float layer (defined by the `Int4*` subclasses of flax's layers).
+
+    A generic `QuantizedLayer` does not know its float layer type: use
+    `dequantized_kernel()` and load it into a layer of that type.
+    """
+    raise TypeError(
+        f'{type(self).__name__}.to_float: only the Int4Linear / Int4Einsum /'
+        ' Int4LinearGeneral layers know their float layer type; use'
+        ' dequantized_kernel() and load it into a layer of yours')
+
   def _float_layer(self, layer):
     """Puts the dequantized kernel and the bias into a new float `layer`."""
     layer.kernel = _storage_variable(
