@@ -1,6 +1,7 @@
 """Int4 / Q4_0 matmul on CPU: time and memory against a float32 nnx.Linear.
 
-Run: `python benchmarks/int4_matmul.py [--batch 8] [--dim 4096] [--reps 30]`
+Run: `python benchmarks/int4_matmul.py [--batch 8] [--dim 4096] [--reps 30]
+[--strategies auto,fused]`
 
 Every variant is a jitted forward over the split nnx state (`nnx.split` +
 `jax.jit`), warmed up, then timed round-robin (interleaved, so load on the
@@ -15,8 +16,13 @@ fit in the L3 cache) suffers most from other jobs' memory traffic: read the
 
 Variants:
 * `f32`: `nnx.Linear`.
-* `int4`, `int8`, `q4_0`, `q4_0_transpose`: `Int4Linear.from_float(...)`,
-  blockwise dequantization inside the matmul.
+* `int4`, `int8`, `q4_0`, `q4_0_transpose`: `Int4Linear.from_float(...)`
+  with the default `strategy='auto'` (blockwise dequantization inside the
+  matmul on CPU, see `peft.kernels`).
+* `fused int4`, ... (one row per method and per other strategy given with
+  `--strategies`): the same layer with `strategy='fused'` (`x @
+  convert(values)`, scale after the dot: what XLA fuses on GPU / TPU) or
+  `'blockwise'`.
 * `naive int4`, `naive q4_0`: dequantize the whole kernel, then matmul (what
   XLA does with a plain `x @ dequantize(w)`).
 """
@@ -34,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from peft.kernels import choose_strategy
 from peft.nnx.quantized import Int4Linear
 from peft.quantization import dequantize
 
@@ -61,6 +68,8 @@ def main():
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--dim', type=int, default=4096)
   p.add_argument('--reps', type=int, default=30)
+  p.add_argument('--strategies', default='auto,fused',
+                 help='comma-separated: auto, blockwise, fused')
   args = p.parse_args()
   b, d = args.batch, args.dim
 
@@ -69,9 +78,13 @@ def main():
   call = lambda m, x: m(x)
   variants = [('f32', call, dense, d * d * 4, None)]
   quantized = {}
-  for method in ('int4', 'int8', 'q4_0', 'q4_0_transpose'):
-    q = quantized[method] = Int4Linear.from_float(dense, method=method)
-    variants.append((method, call, q, q.nbytes, method))
+  strategies = [s.strip() for s in args.strategies.split(',') if s.strip()]
+  for strategy in strategies:
+    for method in ('int4', 'int8', 'q4_0', 'q4_0_transpose'):
+      q = Int4Linear.from_float(dense, method=method, strategy=strategy)
+      quantized.setdefault(method, q)
+      name = method if strategy == 'auto' else f'{strategy} {method}'
+      variants.append((name, call, q, q.nbytes, method))
   for method in ('int4', 'q4_0'):
     q = quantized[method]
     variants.append((f'naive {method}', _naive, q, q.nbytes, method))
@@ -101,7 +114,8 @@ def main():
   f32 = np.median(times['f32'])
   f32_min = np.min(times['f32'])
   print(f'batch {b} x {d}x{d}, {args.reps} interleaved reps, jax'
-        f' {jax.__version__}, {jax.devices()[0].device_kind}')
+        f' {jax.__version__}, {jax.devices()[0].device_kind}, auto ='
+        f' {choose_strategy("auto", x)}')
   print(f'load average {" ".join(f"{v:.1f}" for v in _loadavg())}')
   print('| variant | median ms | min ms | x f32 (median) | x f32 (min) |'
         ' temp MiB | temp / f32 weight | weight B/weight | max rel err |')

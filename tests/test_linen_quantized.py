@@ -267,8 +267,9 @@ def test_quantize_checkpoint_boxes_storage_like_kernel(method, kernel_names,
                                                        scale_names):
   params = _boxed_dense_params()
   q = quantize_checkpoint({'layer': params}, method=method)
+  marker = {method: None} if method.startswith('q4_0') else {}
   assert _names(q) == {'layer': {'kernel': kernel_names, 'scale': scale_names,
-                                 'bias': None}}
+                                 'bias': None, **marker}}
   specs = nn.get_partition_spec(q)['layer']
   assert tuple(specs['kernel']) == kernel_names
   assert tuple(specs['scale']) == scale_names
@@ -290,7 +291,8 @@ def test_quantize_checkpoint_stacked_kernel_and_box_class():
     q = quantize_checkpoint({'kernel': box}, method=method)
     assert type(q['kernel']) is nn.LogicallyPartitioned
     assert q['scale'].rules == rules
-    assert _names(q) == {'kernel': want_k, 'scale': want_s}
+    marker = {method: None} if method == 'q4_0' else {}
+    assert _names(q) == {'kernel': want_k, 'scale': want_s, **marker}
 
 
 @pytest.mark.parametrize('model_size,block_name', [(2, 'model'), (4, None)])
@@ -345,3 +347,41 @@ def test_int4_einsum_reads_boxed_checkpoint():
   np.testing.assert_array_equal(np.asarray(nn.unbox(q)['kernel']), values)
   ref = np.asarray(_X) @ (values / scale)
   np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# Q4_0 vs Q4_0_TRANSPOSE: same shapes for a square kernel; the marker leaf
+# written by quantize_checkpoint tells them apart.
+
+
+@pytest.mark.parametrize('stored,read', [('q4_0', 'q4_0_transpose'),
+                                         ('q4_0_transpose', 'q4_0')])
+def test_square_q4_0_layout_mismatch_is_an_error(stored, read):
+  params = nn.Dense(64).init(jax.random.key(0), _X)['params']  # (64, 64)
+  q = quantize_checkpoint(params, stored)
+  assert q[stored].shape == (1,) and read not in q
+  layer = Int4Dense(wrapped=nn.Dense(64), method=read)
+  with pytest.raises(ValueError, match=f"{stored} storage.*method='{stored}'"):
+    layer.apply({'params': q}, _X)
+  with pytest.raises(ValueError, match='marker'):  # also at trace time
+    jax.jit(lambda p: layer.apply({'params': p}, _X))(q)
+  right = Int4Dense(wrapped=nn.Dense(64), method=stored)
+  y_sim = SimulateQuantizedDense(wrapped=nn.Dense(64), method=stored).apply(
+      {'params': params}, _X)
+  np.testing.assert_allclose(right.apply({'params': q}, _X), y_sim,
+                             rtol=1e-5, atol=1e-5)
+  # Without the marker a square kernel's layout cannot be told: an error.
+  unmarked = {k: v for k, v in q.items() if k != stored}
+  with pytest.raises(ValueError, match='no .* marker.*quantize_checkpoint'):
+    right.apply({'params': unmarked}, _X)
+  # Int4Dense.init writes the marker, as quantize_checkpoint does.
+  assert stored in right.init(jax.random.key(0), _X)['params']
+
+
+def test_unmarked_non_square_q4_0_checkpoint_still_reads():
+  params = nn.Dense(32).init(jax.random.key(0), _X)['params']  # (64, 32)
+  q = quantize_checkpoint(params, 'q4_0')
+  unmarked = {k: v for k, v in q.items() if k != 'q4_0'}
+  layer = Int4Dense(wrapped=nn.Dense(32), method='q4_0')
+  np.testing.assert_array_equal(layer.apply({'params': unmarked}, _X),
+                                layer.apply({'params': q}, _X))

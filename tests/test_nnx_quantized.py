@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from peft import kernels
 from peft.nnx import quantized as Q
 
 HI = jax.lax.Precision.HIGHEST
@@ -172,7 +173,7 @@ def test_simulate_and_int4_match_reference(name, method, monkeypatch):
   q = int_cls.from_float(layer, method=method)
   np.testing.assert_allclose(_jit_call(q, x), sim, rtol=1e-5, atol=1e-5)
   if name in _TINY_CHUNK_CASES:  # many loop steps plus a tail chunk
-    monkeypatch.setattr(Q, '_CHUNK_ELEMENTS', 7 * 32 * 3)
+    monkeypatch.setattr(kernels, '_CHUNK_ELEMENTS', 7 * 32 * 3)
     np.testing.assert_allclose(_jit_call(q, x), sim, rtol=1e-5, atol=1e-5)
 
 
@@ -313,23 +314,27 @@ def test_stacked_vmap_layers():
       q(x)
 
 
-def test_peft_kind_and_geometry():
+def test_geometry_attributes():
+  from peft.geometry import Geometry
   lin = nnx.Linear(64, 32, rngs=nnx.Rngs(0))
   lg = nnx.LinearGeneral(64, (2, 32), rngs=nnx.Rngs(0))
   ein = nnx.Einsum('bd,dnh->bnh', (64, 2, 32), rngs=nnx.Rngs(0))
   for mod in (Q.SimulateQuantizedLinear(lin, method='int4'),
               Q.Int4Linear.from_float(lin)):
-    assert mod._peft_kind == 'linear'
+    assert mod.geometry == Geometry.linear(64, 32)
+    assert isinstance(mod, (Q.SimulateQuantized, Q.QuantizedLayer))
     assert (mod.in_features, mod.out_features) == (64, 32)
     assert mod.kernel_shape == (64, 32)
   for mod in (Q.SimulateQuantizedLinearGeneral(lg, method='int4'),
               Q.Int4LinearGeneral.from_float(lg)):
-    assert mod._peft_kind == 'linear_general'
+    assert mod.geometry.contracted_axes == (0,)
+    assert mod.geometry.output_axes == (1, 2)
     assert mod.out_features == (2, 32) and mod.axis == (-1,)
     assert mod.kernel_shape == (64, 2, 32)
   for mod in (Q.SimulateQuantizedEinsum(ein, method='int4'),
               Q.Int4Einsum.from_float(ein)):
-    assert mod._peft_kind == 'einsum'
+    assert mod.geometry.einsum_str == 'bd,dnh->bnh'
+    assert mod.param_dtype == jnp.float32 and mod.kernel_sharding is None
     assert mod.einsum_str == 'bd,dnh->bnh' and mod.kernel_shape == (64, 2, 32)
   # SimulateQuantized* params are the wrapped layer's params.
   sim = Q.SimulateQuantizedLinear(lin, method='q4_0')
@@ -398,7 +403,7 @@ def test_int4_input_gradient_is_blockwise(method, monkeypatch):
   """QLoRA backprops through the frozen base: grad w.r.t. the input matches
   the simulated layer, and the backward pass does not keep every
   dequantized chunk (which would add up to the float kernel)."""
-  monkeypatch.setattr(Q, '_CHUNK_ELEMENTS', 256 * 32)
+  monkeypatch.setattr(kernels, '_CHUNK_ELEMENTS', 256 * 32)
   layer = nnx.Linear(256, 256, rngs=nnx.Rngs(0))
   x = _rand(18, (4, 256))
   ct = _rand(19, (4, 256))
@@ -536,3 +541,143 @@ def test_weight_view_and_assignment():
                              rtol=0, atol=0)
   with pytest.raises(TypeError, match='QArray'):
     q.weight = jnp.ones((64, 32))
+
+
+# --- constructors from shapes, custom layer types, strategies -----------------
+
+
+def _load_like(empty, full):
+  """Loads `full`'s state into `empty` (as a checkpoint restore would)."""
+  assert (jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(empty))
+          == jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(full)))
+  nnx.update(empty, nnx.state(full))
+  return empty
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_constructors_from_shapes_load_what_from_float_wrote(method):
+  cases = [
+      (Q.Int4Linear(64, 32, method=method),
+       nnx.Linear(64, 32, rngs=nnx.Rngs(0)), (3, 64)),
+      (Q.Int4Einsum('btd,dnh->btnh', (64, 32, 32), (32, 32), method=method),
+       nnx.Einsum('btd,dnh->btnh', (64, 32, 32), (32, 32), rngs=nnx.Rngs(1)),
+       (2, 3, 64)),
+      (Q.Int4LinearGeneral(64, 32, batch_axis={0: 2}, method=method),
+       nnx.LinearGeneral(64, 32, batch_axis={0: 2}, rngs=nnx.Rngs(2)),
+       (2, 3, 64)),
+  ]
+  for empty, layer, xshape in cases:
+    x = _rand(30, xshape)
+    assert float(jnp.abs(empty(x)).max()) == 0.0  # a zero kernel, zero bias
+    full = type(empty).from_float(layer, method=method)
+    loaded = _load_like(empty, full)
+    assert loaded.method == full.method and loaded.geometry == full.geometry
+    np.testing.assert_array_equal(_jit_call(loaded, x), _jit_call(full, x))
+
+
+def test_stacked_constructor_from_shapes():
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(64, 32, rngs=nnx.Rngs(params=key))
+
+  full = Q.Int4Linear.from_float(make(jax.random.split(jax.random.key(0), 3)),
+                                 method='q4_0_transpose')
+  empty = Q.Int4Linear(64, 32, method='q4_0_transpose', leading_shape=(3,))
+  assert empty.kernel_shape == full.kernel_shape == (3, 64, 32)
+  _load_like(empty, full)
+  fwd = nnx.vmap(lambda m, x: m(x), in_axes=(0, None), out_axes=0)
+  x = _rand(31, (4, 64))
+  np.testing.assert_array_equal(fwd(empty, x), fwd(full, x))
+
+
+class _Proj(nnx.Module):
+  """A custom layer: `x @ w` over heads, kernel `w`, no bias."""
+
+  def __init__(self, din, heads, dh, rngs):
+    self.w = nnx.Param(jax.random.normal(rngs.params(), (din, heads, dh)))
+
+  def __call__(self, x):
+    return jnp.einsum('...d,dnh->...nh', x, self.w[...])
+
+
+def _register_proj():
+  from peft.geometry import Geometry
+  from peft.nnx import registry
+  registry.register_layer(
+      _Proj, geometry=lambda m: Geometry.from_einsum(
+          '...d,dnh->...nh', m.w.shape[-3:]), kernel='w', bias=None)
+
+
+@pytest.mark.parametrize('method', ['int4', 'q4_0', 'q4_0_transpose'])
+def test_custom_registered_layer(method):
+  _register_proj()
+  proj = _Proj(64, 32, 32, nnx.Rngs(0))
+  x = _rand(32, (3, 64))
+  sim = Q.SimulateQuantized(proj, method=method)
+  kq = _ref_quant(np.asarray(proj.w[...]), method, (0,))
+  want = np.einsum('bd,dnh->bnh', np.asarray(x), kq)
+  np.testing.assert_allclose(_jit_call(sim, x), want, rtol=2e-5, atol=2e-5)
+  assert sim.kernel is proj.w and sim.bias is None
+  q = Q.QuantizedLayer.from_float(proj, method=method)
+  assert type(q) is Q.QuantizedLayer and q.bias is None
+  assert q.kernel_shape == (64, 32, 32)
+  np.testing.assert_allclose(_jit_call(q, x), want, rtol=2e-5, atol=2e-5)
+  # From the simulated wrapper too (its method is kept).
+  assert Q.QuantizedLayer.from_float(sim).method.value == method
+  # Straight-through gradient to the custom layer's own kernel.
+  gdef, params, rest = nnx.split(sim, nnx.Param, ...)
+  g = jax.grad(lambda p: jnp.sum(nnx.merge(gdef, p, rest)(x)))(params)
+  np.testing.assert_allclose(
+      g['wrapped']['w'][...],
+      np.broadcast_to(np.asarray(x).sum(0)[:, None, None], (64, 32, 32)),
+      rtol=1e-5)
+
+
+def test_unregistered_layer_is_a_type_error():
+  class Odd(nnx.Module):
+    pass
+
+  with pytest.raises(TypeError, match='register_layer'):
+    Q.SimulateQuantized(Odd(), method='int4')
+  with pytest.raises(TypeError, match='register_layer'):
+    Q.QuantizedLayer.from_float(Odd())
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_strategies_give_the_same_layer_output(method):
+  layer = nnx.Einsum('ebd,edf->ebf', (2, 64, 32), (2, 1, 32), rngs=nnx.Rngs(0))
+  x = _rand(33, (2, 5, 64))
+  outs = [_jit_call(Q.Int4Einsum.from_float(layer, method=method, strategy=s),
+                    x) for s in ('auto', 'blockwise', 'fused')]
+  np.testing.assert_array_equal(outs[0], outs[1])  # auto = blockwise on CPU
+  np.testing.assert_allclose(outs[1], outs[2], rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match='strategy'):
+    Q.Int4Linear(64, 32, strategy='fast')
+
+
+def test_empty_layers():
+  q = Q.Int4Linear(64, 0)
+  assert q(jnp.ones((2, 64))).shape == (2, 0)
+  zeros = nnx.initializers.zeros_init()
+  f = Q.Int4Linear.from_float(nnx.Linear(64, 0, kernel_init=zeros,
+                                         rngs=nnx.Rngs(0)), method='int8')
+  assert f(jnp.ones((2, 64))).shape == (2, 0) and f.kernel_shape == (64, 0)
+  with pytest.raises(ValueError, match='in_features=0'):
+    Q.Int4Linear(0, 32)
+
+
+def test_from_float_rejects_non_finite_kernels():
+  layer = nnx.Linear(64, 64, rngs=nnx.Rngs(0))
+  layer.kernel[...] = layer.kernel[...].at[3, 5].set(jnp.nan)
+  for method in ('int4', 'q4_0'):
+    with pytest.raises(ValueError, match='Int4Linear.from_float.*NaN'):
+      Q.Int4Linear.from_float(layer, method=method)
+
+
+def test_set_weight_checks_the_geometry():
+  from peft.quantization import quantize
+  q = Q.Int4Linear(64, 32)
+  with pytest.raises(ValueError, match='does not end with'):
+    q.set_weight(quantize(_rand(34, (32, 64)), 'int4'))
+  q.set_weight(quantize(_rand(35, (64, 32)), 'q4_0_transpose'))
+  assert q.method.value == 'q4_0_transpose'

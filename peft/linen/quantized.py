@@ -31,7 +31,6 @@ Examples:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 import dataclasses
 from typing import Any, ClassVar
 
@@ -42,9 +41,14 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from peft import einsum as _einsum
+from peft import geometry as _geometry
 from peft import quantization as _q
 from peft.linen.lora import _unboxed
+from peft.linen.quantized_checkpoint import LAYOUT_MARKERS as _LAYOUT_MARKERS
+from peft.linen.quantized_checkpoint import as_method as _as_method
+from peft.linen.quantized_checkpoint import box_storage as _box_storage
+from peft.linen.quantized_checkpoint import layout_marker as _layout_marker
+from peft.linen.quantized_checkpoint import quantize_checkpoint
 from peft.nnx import quantized as _nnx_q
 
 __all__ = [
@@ -57,197 +61,6 @@ __all__ = [
 
 Array = jax.Array
 QuantizationMethod = _q.QuantizationMethod
-
-_PACKED_METHODS = (
-    QuantizationMethod.INT4,
-    QuantizationMethod.INT8,
-    QuantizationMethod.Q4_0,
-    QuantizationMethod.Q4_0_TRANSPOSE,
-)
-
-
-# ---------------------------------------------------------------------------
-# Checkpoint quantization.
-# ---------------------------------------------------------------------------
-
-
-def _path_str(path) -> str:
-  return '/'.join(str(p) for p in path) or '<root>'
-
-
-def _as_method(method: Any, what: str, packed: bool) -> QuantizationMethod:
-  if not isinstance(method, (QuantizationMethod, str)):
-    raise TypeError(
-        f'{what}: `method` must be a peft.QuantizationMethod or its name'
-        f" (e.g. 'int4'), got {type(method).__name__}"
-    )
-  method = QuantizationMethod(method)  # ValueError listing valid names
-  if packed and method not in _PACKED_METHODS:
-    raise ValueError(
-        f'{what}: method={method.value!r} has no packed storage; use one of'
-        f' {[m.value for m in _PACKED_METHODS]} (SimulateQuantized* layers'
-        ' accept every method).'
-    )
-  return method
-
-
-def _mesh_axis_size(name, mesh) -> int | None:
-  """Devices along the mesh axis (or axes) `name`; None when unknown."""
-  if mesh is None or name is None:
-    return None
-  axes = (name,) if isinstance(name, str) else tuple(name)
-  sizes = dict(mesh.shape)
-  if not all(isinstance(a, str) and a in sizes for a in axes):
-    return None  # e.g. logical names (nn.LogicallyPartitioned)
-  size = 1
-  for a in axes:
-    size *= int(sizes[a])
-  return size
-
-
-def _known_mesh(box: nn.Partitioned, value):
-  """The mesh the storage will be placed on, if it can be known here."""
-  if box.mesh is not None:
-    return box.mesh
-  sharding = getattr(value, 'sharding', None)
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return sharding.mesh
-  mesh = jax.sharding.get_abstract_mesh()
-  return None if mesh.empty else mesh
-
-
-def _block_name(name, n_blocks: int, mesh):
-  """The block axis keeps the kernel axis' name if the mesh splits it evenly.
-
-  Sharding the `K // 32` blocks like the kernel's `K` axis keeps whole blocks
-  on each device; it only works when the mesh axis size divides the number
-  of blocks (unknown mesh: the name is kept).
-  """
-  size = _mesh_axis_size(name, mesh)
-  if size is not None and n_blocks % size:
-    return None
-  return name
-
-
-def _storage_names(names, method, kernel_shape, scale_shape, mesh):
-  """(values names, scale names) of the storage of a kernel named `names`.
-
-  The layout rule is `peft.quantization.storage_names`; here the Q4_0 block
-  axis keeps its name only when the mesh divides the block count.
-  """
-  reduced = tuple(i for i, (s, d) in enumerate(zip(scale_shape, kernel_shape))
-                  if s != d)
-  values, scale = _q.storage_names(method, names, reduced)
-  if method in (QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
-    axis = -1 if method == QuantizationMethod.Q4_0 else -2
-    block = _block_name(scale[-1], kernel_shape[axis] // 32, mesh)
-    scale = (*scale[:-1], block)
-    values = (*scale, None)
-  return values, scale
-
-
-def _box_storage(box, qarray, kernel):
-  """`qarray`'s values and scale boxed like the kernel's `box`."""
-  if not isinstance(box, nn.Partitioned):
-    return qarray.values, qarray.scale
-  values_names, scale_names = _storage_names(
-      box.names, qarray.method, tuple(qarray.shape), tuple(qarray.scale.shape),
-      _known_mesh(box, kernel))
-  return (box.replace(value=qarray.values, names=values_names),
-          box.replace(value=qarray.scale, names=scale_names))
-
-
-def _quantize_tree(node: Mapping, method, path) -> Mapping:
-  out = {}
-  for key, value in node.items():
-    if isinstance(value, Mapping):
-      out[key] = _quantize_tree(value, method, path + (key,))
-    else:
-      out[key] = value
-  box = kernel = node.get('kernel')
-  if isinstance(kernel, nn.meta.AxisMetadata):  # e.g. nn.Partitioned
-    kernel = _unboxed(kernel)
-  if kernel is not None and not isinstance(kernel, Mapping):
-    where = _path_str(path + ('kernel',))
-    if 'scale' in node:
-      raise ValueError(
-          f'quantize_checkpoint: {where!r} already has a sibling'
-          " 'scale'; the params look quantized already (quantize the float"
-          ' checkpoint once)'
-      )
-    if getattr(kernel, 'ndim', 0) < 2:
-      raise ValueError(
-          f'quantize_checkpoint: {where!r} is not an array with at least 2'
-          f' axes (got {type(kernel).__name__} of shape'
-          f' {getattr(kernel, "shape", None)}); only layer kernels can be'
-          ' quantized'
-      )
-    try:
-      qarray = _q.quantize(jnp.asarray(kernel), method)
-    except ValueError as e:
-      raise ValueError(f'quantize_checkpoint: {where!r}: {e}') from e
-    out['kernel'], out['scale'] = _box_storage(box, qarray, kernel)
-  if type(node) is dict:  # pylint: disable=unidiomatic-typecheck
-    return out
-  try:
-    return type(node)(out)
-  except Exception:  # pylint: disable=broad-except
-    return out
-
-
-def quantize_checkpoint(
-    params: Mapping[str, Any],
-    method: QuantizationMethod | str = QuantizationMethod.INT4,
-) -> Mapping[str, Any]:
-  """Really quantizes every `kernel` of a linen params tree.
-
-  Each `{'kernel': w, ...}` becomes `{'kernel': values, 'scale': scale, ...}`
-  with the layout of `peft.quantization.quantize(w, method)`:
-
-  * INT4 / INT8: `values` int4 / int8 with `w`'s shape, `scale` float32 of
-    shape `[1, ..., 1, out]` (per output channel); the kernel is
-    `values / scale`.
-  * Q4_0: blocks of 32 along the last axis, 4.5 bits per weight: `values`
-    uint8 `(*lead, K // 32, 16)` (packed nibbles, ggml layout) and `scale`
-    float16 `(*lead, K // 32)`. Q4_0_TRANSPOSE: blocks along axis -2.
-
-  Other leaves (biases, norms, LoRA `a`/`b`) are untouched; the input is not
-  modified. A kernel boxed in `nn.Partitioned` (`nn.with_partitioning`) gives
-  boxed `kernel` and `scale` of the same box class and mesh, so
-  `nn.get_partition_spec` shards the storage like the kernel: INT4 / INT8
-  values take the kernel's names and the scale `(None, ..., out_name)`; Q4_0
-  values `(*lead_names, K_name, None)` and scale `(*lead_names, K_name)`,
-  where the block axis keeps `K_name` only when the mesh (if known) divides
-  the number of blocks `K // 32` (Q4_0_TRANSPOSE: the same along axis -2).
-  `Int4Dense` / `Int4Einsum` read the result, boxed or not.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import peft
-    >>> params = {'dense': {'kernel': jnp.ones((64, 32)), 'bias': jnp.zeros(32)}}
-    >>> q = peft.quantize_checkpoint(params, method=peft.QuantizationMethod.Q4_0)
-    >>> q['dense']['kernel'].shape, q['dense']['scale'].dtype
-    ((64, 1, 16), dtype('float16'))
-
-  Args:
-    params: nested mapping of params (e.g. `model.init(...)['params']`).
-    method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE.
-
-  Returns:
-    A new tree of the same mapping kind.
-
-  Raises:
-    ValueError: for a method without packed storage, a kernel whose block
-      axis is not a multiple of 32 (Q4_0), or an already quantized tree.
-  """
-  method = _as_method(method, 'quantize_checkpoint', packed=True)
-  if not isinstance(params, Mapping):
-    raise TypeError(
-        'quantize_checkpoint: `params` must be a nested mapping (dict /'
-        f' FrozenDict) of arrays, got {type(params).__name__}'
-    )
-  return _quantize_tree(params, method, ())
-
 
 # ---------------------------------------------------------------------------
 # Building the NNX layer that does the math, around the linen params.
@@ -322,11 +135,30 @@ def _nnx_einsum(einsum: nn.Einsum, einsum_str, kernel, bias) -> nnx.Einsum:
   )
 
 
-def _int4_module(int4_cls, make_float, qarray, bias, method):
-  """An NNX `Int4*` layer holding `qarray` (no quantization is run)."""
-  module = nnx.eval_shape(lambda: int4_cls.from_float(make_float(),
-                                                      method=method))
-  module.weight = _nnx_q.QuantizedWeight(qarray)
+def _einsum_bias_shape(geometry: _geometry.Geometry, ndim: int):
+  """The bias shape of `nn.Einsum`: the output axes that are kernel axes."""
+  _, outs = geometry.subscripts(ndim)
+  return tuple(d for c, d in zip(outs, geometry.bias_broadcast_shape(ndim))
+               if c in geometry.kernel)
+
+
+def _quantized_kwargs(layer: nn.Module, method) -> dict[str, Any]:
+  """Arguments of the NNX quantized layers, from a linen Dense / Einsum."""
+  kw = dict(method=method, dtype=layer.dtype, param_dtype=layer.param_dtype,
+            precision=layer.precision,
+            preferred_element_type=getattr(layer, 'preferred_element_type',
+                                           None))
+  promote = _nnx_promote(layer.promote_dtype)
+  if promote is not None:
+    kw['promote_dtype'] = promote
+  return kw
+
+
+def _loaded(make, qarray: _q.QArray, bias) -> _nnx_q.QuantizedLayer:
+  """The NNX quantized layer `make()` (built from shapes, abstractly, so
+  nothing is allocated) holding `qarray` and `bias`."""
+  module = nnx.eval_shape(make)
+  module.set_weight(qarray)
   module.bias = nnx.Param(bias) if bias is not None else nnx.data(None)
   return module
 
@@ -334,6 +166,12 @@ def _int4_module(int4_cls, make_float, qarray, bias, method):
 # ---------------------------------------------------------------------------
 # Linen modules.
 # ---------------------------------------------------------------------------
+
+
+def _storage_shapes(kernel_shape, dtype, method) -> _q.QArray:
+  """The storage of a kernel of `kernel_shape`, as shapes (no compute)."""
+  return jax.eval_shape(lambda w: _q.quantize(w, method),
+                        jax.ShapeDtypeStruct(tuple(kernel_shape), dtype))
 
 
 def _check_wrapped(owner: str, wrapped: Any, layer_type: type) -> None:
@@ -399,15 +237,20 @@ class _QuantizedWrapper(nn.Module):
     owner = type(self).__name__
     path = '/'.join(self.scope.path) or '<root>'
     try:
-      expected = jax.eval_shape(
-          lambda: _q.quantize(jnp.zeros(kernel_shape, wrapped.param_dtype),
-                              method)
-      )
+      expected = _storage_shapes(kernel_shape, wrapped.param_dtype, method)
     except ValueError as e:
       raise ValueError(
           f'{owner} at {path!r}: kernel of shape {tuple(kernel_shape)} cannot'
           f' be stored as {method.value}: {e}'
       ) from e
+    for other, key in _LAYOUT_MARKERS.items():
+      if other is not method and self.has_variable('params', key):
+        raise ValueError(
+            f"{owner} at {path!r}: the params hold {other.value} storage (their"
+            f" {key!r} marker says so) but the layer reads method="
+            f"{method.value!r}; pass method='{other.value}' or quantize the"
+            f" float checkpoint with method='{method.value}'"
+        )
     has_kernel = self.has_variable('params', 'kernel')
     if not has_kernel and self.is_mutable_collection('params'):
       # init: quantize a freshly initialised float kernel (same rng as the
@@ -418,6 +261,8 @@ class _QuantizedWrapper(nn.Module):
       values, scale = _box_storage(box, _q.quantize(w, method), w)
       self.put_variable('params', 'kernel', values)
       self.put_variable('params', 'scale', scale)
+      if method in _LAYOUT_MARKERS:
+        self.put_variable('params', _LAYOUT_MARKERS[method], _layout_marker())
     if not self.has_variable('params', 'kernel'):
       raise ValueError(
           f"{owner} at {path!r}: no 'kernel' in the params; pass the params"
@@ -450,6 +295,18 @@ class _QuantizedWrapper(nn.Module):
           f' shape {tuple(kernel_shape)} (expected {tuple(want_v.shape)} /'
           f' {tuple(want_s.shape)})'
       )
+    if method in _LAYOUT_MARKERS and not self.has_variable(
+        'params', _LAYOUT_MARKERS[method]):
+      other = next(m for m in _LAYOUT_MARKERS if m is not method)
+      twin = _storage_shapes(kernel_shape, wrapped.param_dtype, other)
+      if tuple(twin.values.shape) == tuple(values.shape):
+        raise ValueError(
+            f'{owner} at {path!r}: {method.value} and {other.value} storage of'
+            f' a kernel of shape {tuple(kernel_shape)} look alike, and the'
+            f' params have no {_LAYOUT_MARKERS[method]!r} marker saying which'
+            ' one they hold; quantize the float checkpoint again with'
+            f" peft.quantize_checkpoint(params, method='{method.value}')"
+        )
     return _q.QArray(values=values, scale=scale, method=method,
                      shape=tuple(kernel_shape))
 
@@ -527,8 +384,8 @@ class SimulateQuantizedEinsum(_QuantizedWrapper):
                         einsum.param_dtype)
     bias = None
     if einsum.use_bias:
-      bias_shape, _ = einsum._get_bias_shape(einsum_str, inputs, kernel)  # pylint: disable=protected-access
-      bias = self._float_bias(tuple(bias_shape))
+      geometry = _geometry.Geometry.from_einsum(einsum_str, tuple(einsum.shape))
+      bias = self._float_bias(_einsum_bias_shape(geometry, jnp.ndim(inputs)))
     layer = _nnx_q.SimulateQuantizedEinsum(
         _nnx_einsum(einsum, einsum_str, kernel, bias), method=self._method)
     return layer(inputs)
@@ -574,17 +431,9 @@ class Int4Dense(_QuantizedWrapper):
     in_features = jnp.shape(inputs)[-1]
     qarray = self._quantized_kernel((in_features, dense.features))
     bias = self._float_bias((dense.features,))
-    zeros = jnp.zeros((), dense.param_dtype)
-
-    def make_float():
-      return nnx.Linear(
-          in_features, dense.features, rngs=nnx.Rngs(0),
-          kernel_init=lambda k, s, d: jnp.broadcast_to(zeros, s),
-          **_linear_kwargs(dense),
-      )
-
-    module = _int4_module(_nnx_q.Int4Linear, make_float, qarray, bias,
-                          self._method)
+    module = _loaded(lambda: _nnx_q.Int4Linear(
+        in_features, dense.features, use_bias=dense.use_bias,
+        **_quantized_kwargs(dense, self._method)), qarray, bias)
     return module(inputs)
 
 
@@ -623,34 +472,15 @@ class Int4Einsum(_QuantizedWrapper):
     einsum_str = self._einsum_str(einsum_str)
     kernel_shape = tuple(einsum.shape)
     qarray = self._quantized_kernel(kernel_shape)
-    bias = None
+    geometry = _geometry.Geometry.from_einsum(einsum_str, kernel_shape)
+    bias_shape = None
     if einsum.use_bias:
-      probe = jax.ShapeDtypeStruct(kernel_shape, einsum.param_dtype)
-      bias_shape, _ = einsum._get_bias_shape(einsum_str, inputs, probe)  # pylint: disable=protected-access
-      bias = self._float_bias(tuple(bias_shape))
-    method = self._method
-    scale_fits_nnx = True
-    if method in (QuantizationMethod.INT4, QuantizationMethod.INT8):
-      # The blockwise matmul wants one scale per non-contracted kernel index.
-      reduced = _einsum.reduced_weight_axes(einsum_str)
-      want = tuple(1 if i in reduced else d for i, d in enumerate(kernel_shape))
-      scale_fits_nnx = tuple(qarray.scale.shape) == want
-    if not scale_fits_nnx:
-      # Per-channel scales over another set of axes than the layer's
-      # contracted ones: the blockwise matmul cannot use them; dequantize
-      # the kernel as stored and run the float layer.
-      kernel = _q.dequantize(qarray, einsum.param_dtype)
-      return _nnx_einsum(einsum, einsum_str, kernel, bias)(inputs)
-    zeros = jnp.zeros((), einsum.param_dtype)
-
-    def make_float():
-      return nnx.Einsum(
-          einsum_str, kernel_shape,
-          None if bias is None else tuple(bias.shape), rngs=nnx.Rngs(0),
-          kernel_init=lambda k, s, d: jnp.broadcast_to(zeros, s),
-          **_einsum_kwargs(einsum),
-      )
-
-    module = _int4_module(_nnx_q.Int4Einsum, make_float, qarray, bias,
-                          method)
+      bias_shape = _einsum_bias_shape(geometry, jnp.ndim(inputs))
+    bias = self._float_bias(bias_shape) if bias_shape is not None else None
+    # Per-channel scales over other axes than the layer's contracted ones
+    # (quantize_checkpoint reduces all but the last axis) are read as stored:
+    # the matmul then dequantizes the kernel whole (peft.kernels).
+    module = _loaded(lambda: _nnx_q.Int4Einsum(
+        einsum_str, kernel_shape, bias_shape,
+        **_quantized_kwargs(einsum, self._method)), qarray, bias)
     return module(inputs)

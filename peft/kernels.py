@@ -1,0 +1,410 @@
+"""Matmuls with a quantized kernel, for any layer geometry (jax only).
+
+`quantized_einsum(x, qarray, geometry)` computes what the layer described by
+`geometry` (a `peft.geometry.Geometry`) computes with the dequantized kernel,
+`einsum(geometry.call_einsum_str(x.ndim), x, dequantize(qarray))`, without
+the bias, by one of two strategies:
+
+* `'blockwise'`: the contraction is seen as `(B, M, K) x (B, K, N)` and the
+  kernel is dequantized chunk by chunk inside a `lax.fori_loop` (about 4 MiB
+  of float32 weights per step), so the float kernel is never materialised.
+  Per-channel INT4 / INT8 sum `x * values` and divide by the scale after the
+  dot; Q4_0 unpacks the nibbles of each chunk. This is the fast path on CPU,
+  where XLA converts a whole int4 weight to float32 before a matmul.
+* `'fused'`: `x @ convert(values)` with the per-channel scale applied after
+  the dot (Q4_0: the dequantizing expression feeds the dot), written so that
+  XLA on GPU / TPU fuses the convert into the matmul.
+
+`strategy='auto'` (the default) picks `'blockwise'` on CPU and `'fused'`
+elsewhere (the platform of `x`'s device, or `jax.default_backend()` under
+tracing). Both give the same numbers up to float rounding of the summation
+order. Layouts the blockwise loop does not cover (kernel axes not ordered
+batch, contracted, output; an input-only axis summed; Q4_0_TRANSPOSE with
+several output axes; an `out_sharding`; methods other than INT4 / INT8 /
+Q4_0 / Q4_0_TRANSPOSE) dequantize the kernel and call `jnp.einsum`.
+
+Examples:
+  >>> import jax, jax.numpy as jnp
+  >>> from peft.geometry import Geometry
+  >>> from peft.quantization import quantize, dequantize
+  >>> g = Geometry.linear(64, 32)
+  >>> w = jax.random.normal(jax.random.key(0), (64, 32))
+  >>> q, x = quantize(w, 'q4_0'), jnp.ones((2, 64))
+  >>> y = quantized_einsum(x, q, g, strategy='blockwise')
+  >>> bool(jnp.allclose(y, x @ dequantize(q), atol=1e-4))
+  True
+  >>> z = quantized_einsum(x, q, g, strategy='fused')
+  >>> bool(jnp.allclose(y, z, atol=1e-4))
+  True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+from peft.geometry import Geometry
+from peft.quantization import QArray
+from peft.quantization import QuantizationMethod
+from peft.quantization import dequantize
+
+__all__ = [
+    'STRATEGIES',
+    'choose_strategy',
+    'kernel_shape',
+    'quantized_einsum',
+]
+
+#: The values `strategy` accepts.
+STRATEGIES = ('auto', 'blockwise', 'fused')
+
+_Q4_0_BLOCK = 32
+_INT = (QuantizationMethod.INT4, QuantizationMethod.INT8)
+# Elements of the float32 weight chunk dequantized per loop step (4 MiB): big
+# enough for an efficient matmul, small enough to stay in cache.
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def kernel_shape(q: QArray) -> tuple[int, ...]:
+  """The float kernel shape of `q`, derived from its leaves (not `q.shape`).
+
+  `q.shape` is static metadata that goes stale when `nnx.vmap` / `nnx.scan`
+  slice the leaves; the leaves' shapes do not.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from peft.quantization import quantize
+    >>> kernel_shape(quantize(jnp.ones((64, 32)), 'q4_0_transpose'))
+    (64, 32)
+  """
+  v = q.values.shape
+  if q.method is QuantizationMethod.Q4_0:
+    return (*v[:-2], v[-2] * _Q4_0_BLOCK)
+  if q.method is QuantizationMethod.Q4_0_TRANSPOSE:
+    return (*v[:-3], v[-2] * _Q4_0_BLOCK, v[-3])
+  return tuple(v)  # per-channel / group-scaled values: the kernel's shape
+
+
+def _with_shape(q: QArray) -> QArray:
+  shape = kernel_shape(q)
+  return q if tuple(q.shape) == shape else dataclasses.replace(q, shape=shape)
+
+
+def choose_strategy(strategy: str = 'auto', x: Any = None) -> str:
+  """`'blockwise'` or `'fused'`: what `strategy` means for `x`'s platform.
+
+  Examples:
+    >>> choose_strategy('fused')
+    'fused'
+    >>> import jax
+    >>> choose_strategy('auto') == (
+    ...     'blockwise' if jax.default_backend() == 'cpu' else 'fused')
+    True
+  """
+  if strategy not in STRATEGIES:
+    raise ValueError(
+        f'strategy={strategy!r} is not one of {STRATEGIES}; use'
+        " 'blockwise' on CPU, 'fused' on GPU/TPU, or 'auto' to pick by device"
+    )
+  if strategy != 'auto':
+    return strategy
+  platform = None
+  try:  # a concrete array knows its device; a tracer raises
+    platform = next(iter(x.devices())).platform
+  except Exception:  # pylint: disable=broad-except
+    platform = jax.default_backend()
+  return 'blockwise' if platform == 'cpu' else 'fused'
+
+
+class _Plan(NamedTuple):
+  """How to see a contraction as `(B, M, K) x (B, K, N) -> (B, M, N)`."""
+
+  x_perm: tuple[int, ...]  # x axes ordered batch, free, contracted
+  nb: int  # kernel batch axes
+  nk: int  # kernel contracted axes
+  out_perm: tuple[int, ...] | None  # canonical (B, F, N) axes -> output
+
+
+def _plan(geometry: Geometry, x_ndim: int) -> _Plan | None:
+  """The canonical view, or None when the kernel axes are not ordered
+  (batch, contracted, output) or the contraction sums input-only axes."""
+  ins, outs = geometry.subscripts(x_ndim)
+  ws = geometry.kernel
+  batch, red, out = geometry.batch, geometry.contracted, geometry.output
+  if batch + red + out != ws or not red or not out or len(set(ins)) != len(ins):
+    return None
+  free = ''.join(c for c in ins if c not in ws)
+  if any(c not in outs for c in free):
+    return None  # an input-only axis is summed over
+  canon = batch + free + out
+  if len(outs) != len(canon) or set(outs) != set(canon):
+    return None
+  x_perm = tuple(ins.index(c) for c in batch + free + red)
+  out_perm = tuple(canon.index(c) for c in outs)
+  if out_perm == tuple(range(len(out_perm))):
+    out_perm = None
+  return _Plan(x_perm, len(batch), len(red), out_perm)
+
+
+def _sum_chunks(total, size, fn, init):
+  """`init + sum(fn(start, n))` over chunks of `size` covering `[0, total)`.
+
+  `fn` is rematerialised in the backward pass (`jax.checkpoint`), so a
+  gradient through the loop does not save every dequantized chunk (which
+  would add up to the whole float kernel).
+  """
+  fn = jax.checkpoint(fn, static_argnums=(1,))
+  count, tail = divmod(total, size)
+  acc = init
+  add = lambda a, b: jax.tree.map(jnp.add, a, b)
+  if count == 1:
+    acc = add(acc, fn(0, size))
+  elif count > 1:
+    acc = lax.fori_loop(
+        0, count, lambda i, a: add(a, fn(i * size, size)), acc
+    )
+  if tail:
+    acc = add(acc, fn(count * size, tail))
+  return acc
+
+
+def _map_chunks(total, size, fn, out, axis):
+  """Writes `fn(start, n)` into `out` along `axis`, chunk by chunk."""
+  fn = jax.checkpoint(fn, static_argnums=(1,))
+  count, tail = divmod(total, size)
+  put = lambda o, start, n: lax.dynamic_update_slice_in_dim(
+      o, fn(start, n), start, axis
+  )
+  if count == 1:
+    out = put(out, 0, size)
+  elif count > 1:
+    out = lax.fori_loop(0, count, lambda i, o: put(o, i * size, size), out)
+  if tail:
+    out = put(out, count * size, tail)
+  return out
+
+
+def _chunk(total: int, per_row: int) -> int:
+  return max(1, min(total, _CHUNK_ELEMENTS // max(1, per_row)))
+
+
+def _bmm(x, w, precision, acc_dtype):
+  """`(B, M, K) x (B, K, N) -> (B, M, N)`."""
+  return lax.dot_general(
+      x, w, (((2,), (1,)), ((0,), (0,))),
+      precision=precision, preferred_element_type=acc_dtype,
+  )
+
+
+def _int_blockwise(xc, q, dims, cdt, acc, precision):
+  """Per-channel INT4/INT8: `sum_k x[k] * values[k]`, then divide by scale."""
+  b, k, n = dims
+  values = q.values.reshape(b, k, n)
+  m = xc.shape[1]
+  if q.method is QuantizationMethod.INT4 and n % 2 == 0:
+    # Two int4 per byte (low nibble = even column): unpack with shifts,
+    # which XLA vectorises, instead of converting int4 element by element.
+    packed = lax.bitcast_convert_type(values.reshape(b, k, n // 2, 2), jnp.int8)
+
+    def part(start, size):
+      xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
+      p = lax.dynamic_slice_in_dim(packed, start, size, 1)
+      lo = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
+      hi = lax.shift_right_arithmetic(p, jnp.int8(4))
+      return (_bmm(xs, lo.astype(cdt), precision, acc),
+              _bmm(xs, hi.astype(cdt), precision, acc))
+
+    zero = jnp.zeros((b, m, n // 2), acc)
+    lo, hi = _sum_chunks(k, _chunk(k, b * n), part, (zero, zero))
+    return jnp.stack([lo, hi], axis=-1).reshape(b, m, n)
+
+  def part(start, size):
+    xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
+    v = lax.dynamic_slice_in_dim(values, start, size, 1)
+    return _bmm(xs, v.astype(cdt), precision, acc)
+
+  return _sum_chunks(k, _chunk(k, b * n), part, jnp.zeros((b, m, n), acc))
+
+
+def _nibbles(v, d, cdt):
+  """Q4_0 bytes and scales -> the dequantized low and high halves of blocks."""
+  d = d.astype(jnp.float32)[..., None]
+  lo = (v & 0x0F).astype(jnp.float32) - jnp.float32(8.0)
+  hi = (v >> 4).astype(jnp.float32) - jnp.float32(8.0)
+  return (d * lo).astype(cdt), (d * hi).astype(cdt)
+
+
+def _q4_0_blockwise(xc, q, dims, cdt, acc, precision):
+  """Q4_0 with blocks along N: chunk over K, split each block in halves."""
+  b, k, n = dims
+  g = n // _Q4_0_BLOCK
+  values = q.values.reshape(b, k, g, _Q4_0_BLOCK // 2)
+  scale = q.scale.reshape(b, k, g)
+  m = xc.shape[1]
+
+  def part(start, size):
+    xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
+    v = lax.dynamic_slice_in_dim(values, start, size, 1)
+    d = lax.dynamic_slice_in_dim(scale, start, size, 1)
+    lo, hi = _nibbles(v, d, cdt)
+    half = (b, size, n // 2)
+    return (_bmm(xs, lo.reshape(half), precision, acc),
+            _bmm(xs, hi.reshape(half), precision, acc))
+
+  zero = jnp.zeros((b, m, n // 2), acc)
+  lo, hi = _sum_chunks(k, _chunk(k, b * n), part, (zero, zero))
+  half = (b, m, g, _Q4_0_BLOCK // 2)
+  return jnp.concatenate([lo.reshape(half), hi.reshape(half)], -1).reshape(
+      b, m, n
+  )
+
+
+def _q4_0_transpose_blockwise(xc, q, dims, k_last, cdt, acc, precision):
+  """Q4_0_TRANSPOSE (blocks along the last contracted axis, one output axis).
+
+  The storage holds the kernel's columns as rows of blocks, so the loop runs
+  over chunks of output columns, each a full contraction.
+  """
+  b, k, n = dims
+  k1 = k // k_last
+  g = k_last // _Q4_0_BLOCK
+  h = _Q4_0_BLOCK // 2
+  values = q.values.reshape(b, k1, n, g, h)
+  scale = q.scale.reshape(b, k1, n, g)
+  m = xc.shape[1]
+  x6 = xc.reshape(b, m, k1, g, 2, h)
+  x_lo = x6[:, :, :, :, 0].reshape(b, m, k1, g * h)
+  x_hi = x6[:, :, :, :, 1].reshape(b, m, k1, g * h)
+  dims_ = (((1, 3), (2, 3)), ((0,), (0,)))  # w (b,k1,nc,gh) . x (b,m,k1,gh)
+
+  def part(start, size):
+    v = lax.dynamic_slice_in_dim(values, start, size, 2)
+    d = lax.dynamic_slice_in_dim(scale, start, size, 2)
+    lo, hi = _nibbles(v, d, cdt)
+    shape = (b, k1, size, g * h)
+    y = lax.dot_general(lo.reshape(shape), x_lo, dims_, precision=precision,
+                        preferred_element_type=acc)
+    return y + lax.dot_general(hi.reshape(shape), x_hi, dims_,
+                               precision=precision, preferred_element_type=acc)
+
+  out = jnp.zeros((b, n, m), acc)
+  out = _map_chunks(n, _chunk(n, b * k), part, out, 1)
+  return jnp.swapaxes(out, 1, 2)
+
+
+def _dequantized_einsum(x, q, geometry, cdt, acc, precision, out_sharding):
+  """`einsum(x, dequantize(q))`: the convert feeds the dot (fusable)."""
+  kernel = dequantize(_with_shape(q), jnp.float32).astype(cdt)
+  return jnp.einsum(geometry.call_einsum_str(x.ndim), x.astype(cdt), kernel,
+                    precision=precision, preferred_element_type=acc,
+                    out_sharding=out_sharding)
+
+
+def quantized_einsum(
+    x: jax.Array,
+    qarray: QArray,
+    geometry: Geometry,
+    *,
+    precision: Any = None,
+    compute_dtype: Any = None,
+    preferred_element_type: Any = None,
+    strategy: str = 'auto',
+    out_sharding: Any = None,
+) -> jax.Array:
+  """`einsum(x, dequantize(qarray))` in the layout of `geometry`, no bias.
+
+  Args:
+    x: the (already dtype-promoted) inputs.
+    qarray: the quantized kernel of one layer (no stacking axes: slice them
+      off first, e.g. inside `nnx.vmap`).
+    geometry: the layer's `peft.geometry.Geometry`.
+    precision: `lax.Precision` of the dots.
+    compute_dtype: dtype the weights are dequantized to and the dots take
+      (default: `x.dtype`); they accumulate in at least float32.
+    preferred_element_type: dtype of the result (default: `compute_dtype`).
+    strategy: `'auto'`, `'blockwise'` or `'fused'` (see the module doc).
+    out_sharding: passed to the einsum (then the kernel is dequantized whole).
+
+  Returns:
+    The contraction, shaped like the layer's output.
+
+  Raises:
+    ValueError: `qarray` has leading stacking axes, or `x` does not fit it.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from peft.geometry import Geometry
+    >>> from peft.quantization import quantize
+    >>> g = Geometry.from_einsum('ebd,edf->ebf', (2, 32, 8))
+    >>> q = quantize(jnp.ones((2, 32, 8)), 'int8', axis_to_reduce=(1,))
+    >>> quantized_einsum(jnp.ones((2, 3, 32)), q, g).shape
+    (2, 3, 8)
+  """
+  strategy = choose_strategy(strategy, x)
+  k_shape = kernel_shape(qarray)
+  if len(k_shape) != len(geometry.kernel_shape):
+    raise ValueError(
+        f'The quantized kernel has shape {k_shape}, with leading stacking axes'
+        f' in front of the layer kernel {geometry.kernel_shape} (the layer was'
+        ' built under nnx.vmap); call it inside nnx.vmap / nnx.scan, which'
+        ' slice the stacking axes off.'
+    )
+  cdt = jnp.dtype(compute_dtype if compute_dtype is not None else x.dtype)
+  acc = jnp.promote_types(cdt, jnp.float32)
+  out_dtype = preferred_element_type or cdt
+  plan = _plan(geometry, x.ndim) if out_sharding is None else None
+  method = qarray.method
+  if plan is not None:
+    nb, nk = plan.nb, plan.nk
+    kb, kk, kn = k_shape[:nb], k_shape[nb:nb + nk], k_shape[nb + nk:]
+    if method is QuantizationMethod.Q4_0_TRANSPOSE and len(kn) != 1:
+      plan = None
+    elif method not in _INT and method not in (
+        QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
+      plan = None
+    elif method in _INT and tuple(qarray.scale.shape) != (
+        geometry.channel_scale_shape()):  # e.g. group-wise scales
+      plan = None
+    elif method not in _INT and strategy == 'fused':
+      plan = None  # the dequantizing expression feeds the dot
+  if plan is None:
+    y = _dequantized_einsum(x, qarray, geometry, cdt, acc, precision,
+                            out_sharding)
+    return y.astype(out_dtype)
+
+  xt = jnp.transpose(x, plan.x_perm)
+  xb = xt.shape[:plan.nb]
+  xf = xt.shape[plan.nb:xt.ndim - plan.nk]
+  xk = xt.shape[xt.ndim - plan.nk:]
+  if tuple(xb) != tuple(kb) or tuple(xk) != tuple(kk):
+    raise ValueError(
+        f'inputs of shape {x.shape} do not fit the quantized kernel of shape'
+        f' {k_shape}: batch axes {tuple(xb)} vs {tuple(kb)}, contracted axes'
+        f' {tuple(xk)} vs {tuple(kk)}.'
+    )
+  b, m, k, n = math.prod(kb), math.prod(xf), math.prod(kk), math.prod(kn)
+  xc = xt.reshape(b, m, k).astype(cdt)
+  dims = (b, k, n)
+  if b * m * k * n == 0:  # an empty axis: nothing to contract
+    y = jnp.zeros((b, m, n), acc)
+  elif strategy == 'fused':  # per-channel INT: scale after the dot
+    values = qarray.values.reshape(b, k, n).astype(cdt)
+    scale = qarray.scale.astype(acc).reshape(b, 1, n)
+    y = _bmm(xc, values, precision, acc) / scale
+  elif method is QuantizationMethod.Q4_0:
+    y = _q4_0_blockwise(xc, qarray, dims, cdt, acc, precision)
+  elif method is QuantizationMethod.Q4_0_TRANSPOSE:
+    y = _q4_0_transpose_blockwise(xc, qarray, dims, kk[-1], cdt, acc,
+                                  precision)
+  else:
+    scale = qarray.scale.astype(acc).reshape(b, 1, n)
+    y = _int_blockwise(xc, qarray, dims, cdt, acc, precision) / scale
+  y = y.astype(out_dtype).reshape(*xb, *xf, *kn)
+  if plan.out_perm is not None:
+    y = jnp.transpose(y, plan.out_perm)
+  return y
