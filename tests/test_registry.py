@@ -45,9 +45,9 @@ class Unregistered(nnx.Module):
 class Model(nnx.Module):
 
   def __init__(self, rngs):
-    self.q_proj = Proj(32, 2, 16, rngs=rngs)
+    self.q_proj = Proj(32, 2, 32, rngs=rngs)
     self.other = Unregistered(rngs)
-    self.out = nnx.Linear(32, 4, rngs=rngs)
+    self.out = nnx.Linear(64, 4, rngs=rngs)
 
   def __call__(self, x):
     y = self.q_proj(x)
@@ -75,8 +75,8 @@ def test_apply_lora_on_custom_layer_matches_dense_reference():
                   rngs=nnx.Rngs(1))
   layer = model.q_proj
   assert type(layer) is pnnx.LoRA
-  assert layer.lora.a.shape == (32, 3) and layer.lora.b.shape == (3, 2, 16)
-  layer.lora.b[...] = jax.random.normal(jax.random.key(2), (3, 2, 16))
+  assert layer.lora.a.shape == (32, 3) and layer.lora.b.shape == (3, 2, 32)
+  layer.lora.b[...] = jax.random.normal(jax.random.key(2), (3, 2, 32))
   delta = np.einsum('dr,rnh->dnh', layer.lora.a[...], layer.lora.b[...]) * 2.0
   ref = np.einsum('btd,dnh->btnh', _x(), w0 + delta) + np.asarray(
       layer.wrapped.c[...])
