@@ -30,9 +30,11 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, Callable, ClassVar
 
+from flax import errors
 from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
@@ -206,6 +208,34 @@ def _adapter_kwargs(module) -> dict[str, Any]:
   )
 
 
+def _check_alpha(alpha, owner: str) -> None:
+  """`alpha` is None or a finite, non-zero real number."""
+  if alpha is None:
+    return
+  try:
+    if isinstance(alpha, (bool, str, bytes)):
+      raise TypeError
+    value = float(alpha)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f'{owner}: alpha must be a real number or None, got'
+        f' {type(alpha).__name__} ({alpha!r}); pass e.g. alpha=16.0, or'
+        ' alpha=None for no scaling'
+    ) from None
+  if not math.isfinite(value):
+    raise ValueError(
+        f'{owner}: alpha must be finite, got alpha={alpha!r}; pass e.g.'
+        ' alpha=16.0, or alpha=None for no scaling'
+    )
+  if value == 0:
+    raise ValueError(
+        f'{owner}: alpha=0 makes the LoRA scale alpha / rank zero, so the'
+        ' adapter adds nothing and every gradient of `a` and `b` is 0'
+        ' (training would silently do nothing). Pass a non-zero alpha (e.g.'
+        ' alpha=2 * rank), or alpha=None for no scaling.'
+    )
+
+
 def _check_rank(rank, owner: str) -> None:
   if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
     raise ValueError(
@@ -275,8 +305,25 @@ class _LoRAWrapper(nn.Module):
     return dict(alpha=self.alpha, dtype=self.dtype, a_init=self.a_init,
                 b_init=self.b_init, kernel_sharding=_kernel_box(self))
 
+  def _adapter(self, adapter_cls: type[nn.Module], **kwargs) -> nn.Module:
+    """The adapter, named 'lora' in the wrapped layer's scope."""
+    try:
+      return adapter_cls(name='lora', rank=self.rank, **kwargs,
+                         **self._adapter_fields())
+    except errors.NameInUseError as e:
+      path = '/'.join(self.scope.path) or '<root>'
+      raise ValueError(
+          f'{type(self).__name__} at {path!r}: this layer already has a LoRA'
+          " adapter ('lora'): it was wrapped by LoRA twice, e.g. by two"
+          ' nested ModuleInterceptors whose replace_module_fn both return a'
+          ' LoRA wrapper for it. A layer holds one LoRA adapter: return the'
+          ' module unchanged from one of the replace_module_fns (or wrap'
+          ' the layer once).'
+      ) from e
+
   def __post_init__(self):
     _check_rank(self.rank, type(self).__name__)
+    _check_alpha(self.alpha, type(self).__name__)
     _check_wrapped(type(self).__name__, self.wrapped, self._wrapped_type)
     super().__post_init__()
     # Share scope to make the wrapper transparent for the params
@@ -300,6 +347,11 @@ class _LoRAAdapterBase(nn.Module):
   a_init: Initializer = _A_INIT
   b_init: Initializer = _B_INIT
   kernel_sharding: Any = None
+
+  def __post_init__(self):
+    _check_rank(self.rank, type(self).__name__)
+    _check_alpha(self.alpha, type(self).__name__)
+    super().__post_init__()
 
 
 class LoRADenseAdapter(_LoRAAdapterBase):
@@ -506,13 +558,9 @@ class LoRADense(_LoRAWrapper):
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     y = self.wrapped(inputs)
-    adapter = LoRADenseAdapter(
-        name='lora',
-        rank=self.rank,
-        features=_base_layer(self.wrapped).features,
-        **self._adapter_fields(),
-    )
-    return y + adapter(inputs)
+    adapter = self._adapter(
+        LoRADenseAdapter, features=_base_layer(self.wrapped).features)
+    return y + adapter(inputs).astype(y.dtype)
 
 
 class LoRAEinsum(_LoRAWrapper):
@@ -548,14 +596,9 @@ class LoRAEinsum(_LoRAWrapper):
       y = self.wrapped(inputs, einsum_str)
     else:
       y = self.wrapped(inputs)
-    adapter = LoRAEinsumAdapter(
-        name='lora',
-        rank=self.rank,
-        einsum_str=einsum_str,
-        shape=tuple(base.shape),
-        **self._adapter_fields(),
-    )
-    return y + adapter(inputs)
+    adapter = self._adapter(
+        LoRAEinsumAdapter, einsum_str=einsum_str, shape=tuple(base.shape))
+    return y + adapter(inputs).astype(y.dtype)
 
 
 class LoRADenseGeneral(_LoRAWrapper):
@@ -585,12 +628,7 @@ class LoRADenseGeneral(_LoRAWrapper):
   def __call__(self, inputs: Array) -> Array:
     base = _base_layer(self.wrapped)
     y = self.wrapped(inputs)
-    adapter = LoRADenseGeneralAdapter(
-        name='lora',
-        rank=self.rank,
-        features=base.features,
-        axis=base.axis,
-        batch_dims=base.batch_dims,
-        **self._adapter_fields(),
-    )
-    return y + adapter(inputs)
+    adapter = self._adapter(
+        LoRADenseGeneralAdapter, features=base.features, axis=base.axis,
+        batch_dims=base.batch_dims)
+    return y + adapter(inputs).astype(y.dtype)
