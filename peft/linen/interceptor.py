@@ -30,6 +30,7 @@ import dataclasses
 import itertools
 from typing import Any, Callable
 
+import flax.core
 from flax import linen as nn
 
 from peft import _compat
@@ -142,7 +143,7 @@ def _wraps_layer(module: nn.Module) -> bool:
 def _is_root(module: nn.Module) -> bool:
   """True for the module given to `init`/`apply` (not a lifted-transform clone)."""
   scope = module.scope
-  return isinstance(module.parent, nn.module.Scope) and (
+  return isinstance(module.parent, flax.core.Scope) and (
       scope is None or not tuple(scope.path))
 
 
@@ -297,7 +298,10 @@ class ModuleInterceptor(Interceptor):
     is_root = _is_root(module)  # before replace_module_fn may re-parent it
     replacement = self._replacement(module)
     if replacement is module:
-      if _wraps_layer(module):
+      no_recurse = self._no_recurse.get()
+      if _wraps_layer(module) and id(module.wrapped) not in no_recurse:
+        # (A layer in `_no_recurse` is already replaced up the call stack,
+        # e.g. by `LoRADense(wrapped=Int4Dense(wrapped=layer))`.)
         layer = module.wrapped
         layer_replacement = self._replacement(layer)
         if layer_replacement is not layer:

@@ -2,8 +2,9 @@
 
 These are the document's linen modules. Their state and math are the NNX
 adapters of `peft.nnx.lora` (`LoRALinearAdapter`, `LoRAEinsumAdapter`,
-`LoRALinearGeneralAdapter`), run inside linen through `flax.nnx.bridge.ToLinen`
-and `nn.share_scope`, so the parameter layout is the document's:
+`LoRALinearGeneralAdapter`), run inside linen by a small bridge (built like
+`flax.nnx.bridge.ToLinen`, public APIs only) and `nn.share_scope`, so the
+parameter layout is the document's:
 
     {'Dense_0': {'kernel': ..., 'bias': ..., 'lora': {'a': [in, r], 'b': [r, out]}}}
 
@@ -31,15 +32,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, ClassVar
 
 from flax import errors
 from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
-from flax.nnx import bridge
-from flax.nnx import variablelib as _variablelib
 import jax
 import jax.numpy as jnp
 
@@ -65,51 +64,6 @@ _FACTORS = ('a', 'b')
 # ---------------------------------------------------------------------------
 # The bridge: an NNX module run as linen, its Params in `params`.
 # ---------------------------------------------------------------------------
-
-
-class _ParamsToLinen(bridge.ToLinen):
-  """`nnx.bridge.ToLinen` storing every `nnx.Param` (incl. `LoRAParam`) in `params`.
-
-  Plain `ToLinen` files `nnx.LoRAParam` under a `LoRAParam` collection and the
-  `LoRAScale` under `LoRAScale`. Here all `Param` subclasses go to `params`
-  (the document's layout) and `LoRAScale` is not stored: `ToLinen` rebuilds
-  the NNX module from its constructor arguments on every call, which restores
-  the scale.
-
-  `box`: optional `nn.Partitioned` template (value unused). Params whose NNX
-  metadata carries `out_sharding` names (the adapter was given
-  `kernel_sharding`) are stored as `box.replace(value=v, names=names)`, so
-  they keep the wrapped kernel's box class, mesh and rules.
-  """
-
-  box: Any = None
-
-  def _to_linen(self, leaf):
-    names = leaf.get_metadata().get('out_sharding')
-    if self.box is not None and names is not None:
-      return self.box.replace(value=leaf.get_value(), names=tuple(names))
-    return self.metadata_fn(leaf) if self.metadata_fn else leaf.get_value()
-
-  def _update_variables(self, module):
-    groups: dict[str, list[tuple[tuple[Any, ...], Any]]] = {}
-    state = nnx.state(module, nnx.Not(nnx.Any(nnx.RngState,
-                                              _nnx_lora.LoRAScale)))
-    for path, leaf in nnx.to_flat_state(state):
-      if isinstance(leaf, nnx.Param):
-        collection = 'params'
-      else:
-        collection = _variablelib.variable_name_from_type(
-            type(leaf), allow_register=True
-        )
-      groups.setdefault(collection, []).append((path, leaf))
-    for collection, flat in groups.items():
-      if not self.is_mutable_collection(collection):
-        continue
-      tree = nnx.traversals.unflatten_mapping(
-          {path: self._to_linen(leaf) for path, leaf in flat}
-      )
-      for key, value in tree.items():
-        self.put_variable(collection, key, value)
 
 
 def _unboxed(x):
@@ -190,12 +144,66 @@ def _run_adapter(module: nn.Module, nnx_class, args, kwargs, inputs, *,
             ' with `peft.merge_params(original, lora)`.'
         )
     _check_factor_shapes(module, nnx_class, args, kwargs)
-  child = _ParamsToLinen(
-      nnx_class, args=tuple(args), kwargs=FrozenDict(kwargs), box=box,
-      name='bridge'
-  )
-  nn.share_scope(module, child)
-  return child(inputs, **call)
+  return _bridge_call(module, nnx_class, tuple(args), kwargs, box, inputs,
+                      **call)
+
+
+def _to_linen_value(leaf: nnx.Variable, box: nn.Partitioned | None):
+  """A param's linen value: boxed like the kernel when it has sharding names."""
+  names = leaf.get_metadata().get('out_sharding')
+  if box is not None and names is not None:
+    return box.replace(value=leaf.get_value(), names=tuple(names))
+  return leaf.get_value()
+
+
+def _bridge_call(module: nn.Module, nnx_class, args, kwargs, box, inputs,
+                 **call):
+  """Builds NNX `nnx_class(*args, **kwargs)` around `module`'s params, runs it.
+
+  The bridge between linen and the NNX adapter, with public APIs only (in
+  the spirit of `nnx.bridge.ToLinen`, which would file `nnx.LoRAParam` under
+  a `LoRAParam` collection): every `nnx.Param` (`LoRAParam` included) of the
+  NNX module is the linen param of the same path in `module`'s `params`;
+  other variables (the `LoRAScale` constant) are rebuilt from the
+  constructor arguments on each call and not stored. When the params are
+  missing and `params` is mutable (init) the NNX module's own initial values
+  are stored, drawn from `module`'s rng streams.
+  """
+  params = module.variables.get('params', {})
+
+  def stored(path):
+    node = params
+    for key in path:
+      if not isinstance(node, Mapping) or key not in node:
+        return None
+      node = node[key]
+    return node
+
+  if module.is_mutable_collection('params') and not params:
+    # init (or apply with mutable params and none stored yet).
+    rngs = {name: module.make_rng(name) for name in module.scope.rngs}
+    layer = nnx_class(*args, **kwargs,
+                      rngs=nnx.Rngs(**(rngs or {'default': 0})))
+    tree = nnx.traversals.unflatten_mapping({
+        path: _to_linen_value(leaf, box)
+        for path, leaf in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+    })
+    for key, value in tree.items():
+      module.put_variable('params', key, value)
+  else:
+    layer = nnx_class(*args, **kwargs, rngs=nnx.Rngs(0))
+    paths = [p for p, _ in nnx.to_flat_state(nnx.state(layer, nnx.Param))]
+    missing = ['/'.join(map(str, p)) for p in paths if stored(p) is None]
+    if missing:
+      where = '/'.join(module.scope.path) or '<root>'
+      raise ValueError(
+          f'{type(module).__name__} at {where!r}: the params {missing} are'
+          " missing from the 'params' collection; pass the complete LoRA"
+          ' tree (e.g. `peft.merge_params(original, lora)`)'
+      )
+    nnx.update(layer, nnx.traversals.unflatten_mapping(
+        {path: _unboxed(stored(path)) for path in paths}))
+  return layer(inputs, **call)
 
 
 def _adapter_kwargs(module) -> dict[str, Any]:

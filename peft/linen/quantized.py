@@ -42,6 +42,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from peft import _compat
 from peft import einsum as _einsum
 from peft import quantization as _q
 from peft.linen.lora import _unboxed
@@ -527,8 +528,8 @@ class SimulateQuantizedEinsum(_QuantizedWrapper):
                         einsum.param_dtype)
     bias = None
     if einsum.use_bias:
-      bias_shape, _ = einsum._get_bias_shape(einsum_str, inputs, kernel)  # pylint: disable=protected-access
-      bias = self._float_bias(tuple(bias_shape))
+      bias = self._float_bias(_compat.linen_einsum_bias_shape(
+          einsum, einsum_str, inputs, kernel))
     layer = _nnx_q.SimulateQuantizedEinsum(
         _nnx_einsum(einsum, einsum_str, kernel, bias), method=self._method)
     return layer(inputs)
@@ -626,8 +627,8 @@ class Int4Einsum(_QuantizedWrapper):
     bias = None
     if einsum.use_bias:
       probe = jax.ShapeDtypeStruct(kernel_shape, einsum.param_dtype)
-      bias_shape, _ = einsum._get_bias_shape(einsum_str, inputs, probe)  # pylint: disable=protected-access
-      bias = self._float_bias(tuple(bias_shape))
+      bias = self._float_bias(_compat.linen_einsum_bias_shape(
+          einsum, einsum_str, inputs, probe))
     method = self._method
     scale_fits_nnx = True
     if method in (QuantizationMethod.INT4, QuantizationMethod.INT8):
