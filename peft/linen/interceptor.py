@@ -31,6 +31,7 @@ import itertools
 from typing import Any, Callable
 
 import flax.core
+from flax import errors
 from flax import linen as nn
 
 from peft import _compat
@@ -303,18 +304,26 @@ class ModuleInterceptor(Interceptor):
         # (A layer in `_no_recurse` is already replaced up the call stack,
         # e.g. by `LoRADense(wrapped=Int4Dense(wrapped=layer))`.)
         layer = module.wrapped
-        layer_replacement = self._replacement(layer)
+
+        def twice(other: str) -> ValueError:
+          return ValueError(
+              f'ModuleInterceptor: {type(layer).__name__} {layer.name!r} is'
+              f' quantized twice: by {type(module).__name__}(method='
+              f'{module.method!r}) and by {other} from replace_module_fn. A'
+              ' layer takes one quantization wrapper: return the module'
+              ' unchanged from one of the nested interceptors.'
+          )
+
+        try:
+          layer_replacement = self._replacement(layer)
+        except errors.NameInUseError as e:
+          # replace_module_fn built a second wrapper of `module`'s class
+          # in the scope `module` already shares with `layer`.
+          raise twice(f'another {type(module).__name__}') from e
         if layer_replacement is not layer:
           if _wraps_layer(layer_replacement):
-            raise ValueError(
-                f'ModuleInterceptor: {type(layer).__name__}'
-                f' {layer.name!r} is quantized twice: by'
-                f' {type(module).__name__}(method={module.method!r}) and by'
-                f' {type(layer_replacement).__name__}(method='
-                f'{layer_replacement.method!r}) from replace_module_fn. A'
-                ' layer takes one quantization wrapper: return the module'
-                ' unchanged from one of the nested interceptors.'
-            )
+            raise twice(f'{type(layer_replacement).__name__}(method='
+                        f'{layer_replacement.method!r})')
           # The quantization wrapper stands for `layer`: run the layer's
           # replacement, whose calls of `layer` run the quantization wrapper.
           token = self._substitutes.set(
