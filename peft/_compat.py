@@ -107,5 +107,6 @@ def linen_einsum_bias_shape(einsum: nn.Einsum, einsum_str: str, inputs: Any,
   Returns:
     The bias shape as a tuple of ints.
   """
-  bias_shape, _ = einsum._get_bias_shape(einsum_str, inputs, kernel)  # pylint: disable=protected-access
+  get_bias_shape = einsum._get_bias_shape  # pylint: disable=protected-access
+  bias_shape, _ = get_bias_shape(einsum_str, inputs, kernel)
   return tuple(int(d) for d in bias_shape)

@@ -142,7 +142,7 @@ def _wraps_layer(module: nn.Module) -> bool:
 
 
 def _is_root(module: nn.Module) -> bool:
-  """True for the module given to `init`/`apply` (not a lifted-transform clone)."""
+  """True for the module given to `init`/`apply` (not a transform's clone)."""
   scope = module.scope
   return isinstance(module.parent, flax.core.Scope) and (
       scope is None or not tuple(scope.path))
