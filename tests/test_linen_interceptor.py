@@ -503,3 +503,43 @@ def test_cache_is_bounded_over_many_applies():
   # own entries at most; never growing with the number of calls.
   assert max(sizes_inside) <= 6 and sizes_inside[-1] == sizes_inside[1]
   assert alive == 0, f'{alive} replaced modules still alive after 201 calls'
+
+
+def test_nested_compose_inside_nn_scan_and_setup():
+  class Body(nn.Module):
+
+    def setup(self):
+      self.proj = nn.Dense(32)
+
+    def __call__(self, c, _):
+      return jnp.tanh(self.proj(c)), None
+
+  class Scanned(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      y, _ = nn.scan(Body, variable_axes={'params': 0},
+                     split_rngs={'params': True}, length=3)()(x, None)
+      return y
+
+  q, l = _quant_fn('int4'), _lora_fn(rank=2)
+  with ModuleInterceptor(q), ModuleInterceptor(l):
+    params = Scanned().init(jax.random.key(0), _XQ)['params']
+  assert _shapes(params) == {'ScanBody_0': {'proj': {
+      'kernel': (3, 32, 32), 'bias': (3, 32),
+      'lora': {'a': (3, 32, 2), 'b': (3, 2, 32)}}}}
+  original, lora = peft.split_params(params)
+  params = peft.merge_params(original, _random_lora(lora))
+  outputs = []
+  for fns in ((q, l), (l, q)):
+    with ModuleInterceptor(fns[0]), ModuleInterceptor(fns[1]):
+      outputs.append(np.asarray(Scanned().apply({'params': params}, _XQ)))
+  p = jax.tree.map(np.asarray, params['ScanBody_0']['proj'])
+  h = np.asarray(_XQ, np.float64)
+  for i in range(3):
+    kernel = np.asarray(peft.simulate_quantize(jnp.asarray(p['kernel'][i]),
+                                               'int4'), np.float64)
+    h = np.tanh(h @ kernel + p['bias'][i]
+                + h @ p['lora']['a'][i] @ p['lora']['b'][i])
+  for y in outputs:
+    np.testing.assert_allclose(y, h, rtol=5e-5, atol=5e-5)
