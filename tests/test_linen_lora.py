@@ -506,6 +506,34 @@ def test_qlora_factors_named_after_float_kernel():
         'a': ('data', None), 'b': (None, 'model')}, method
 
 
+@pytest.mark.parametrize('method', ['int4', 'q4_0', 'q4_0_transpose'])
+@pytest.mark.parametrize('order', ['int4_outer', 'lora_outer'])
+def test_qlora_factor_names_under_nested_interceptors(method, order):
+  from peft.linen.quantized import Int4Dense  # pylint: disable=g-import-not-at-top
+
+  class Model(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(64, kernel_init=_partitioned(('data', 'model')))(x)
+
+  def quantize(module):
+    if isinstance(module, nn.Dense):
+      return Int4Dense(method=method, wrapped=module)
+    return module
+
+  def lora(module):
+    if isinstance(module, nn.Dense):
+      return LoRADense(rank=2, wrapped=module)
+    return module
+
+  fns = (quantize, lora) if order == 'int4_outer' else (lora, quantize)
+  with ModuleInterceptor(fns[0]), ModuleInterceptor(fns[1]):
+    variables = Model().init(jax.random.key(0), jnp.ones((1, 64)))
+  assert _specs(variables)['Dense_0']['lora'] == {
+      'a': ('data', None), 'b': (None, 'model')}
+
+
 # ---------------------------------------------------------------------------
 # Params of another rank / size: a ValueError naming the param.
 

@@ -40,6 +40,29 @@ __all__ = ['Interceptor', 'ModuleInterceptor']
 
 _ids = itertools.count()
 
+# {id(layer): peft quantization wrapper run for it} during the outermost
+# intercepted call, shared by every ModuleInterceptor (None outside a call).
+_stand_ins: contextvars.ContextVar[dict[int, Any] | None] = (
+    contextvars.ContextVar('peft_stand_ins', default=None))
+
+
+def stand_in(layer: Any) -> Any:
+  """The peft quantization wrapper run in place of `layer`, or `layer`.
+
+  When a `ModuleInterceptor` runs a quantization wrapper (`SimulateQuantized*`,
+  `Int4*`) for `layer`, a LoRA wrapper whose `wrapped` is the float `layer`
+  asks here, during the same `init`/`apply`, to read the stored kernel's
+  layout (e.g. Q4_0 storage) right.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> from peft.linen import interceptor
+    >>> dense = nn.Dense(3)
+    >>> interceptor.stand_in(dense) is dense
+    True
+  """
+  return (_stand_ins.get() or {}).get(id(layer), layer)
+
 
 class Interceptor(abc.ABC):
   """Base class of linen method interceptors, usable as a context manager.
@@ -272,9 +295,12 @@ class ModuleInterceptor(Interceptor):
     if self._cache.get() is not None:
       return self._dispatch(module, next_fun, method_name, args, kwargs)
     token = self._cache.set({})
+    shared = _stand_ins.set({}) if _stand_ins.get() is None else None
     try:
       return self._dispatch(module, next_fun, method_name, args, kwargs)
     finally:
+      if shared is not None:
+        _stand_ins.reset(shared)
       self._cache.reset(token)
 
   def _replacement(self, module: nn.Module) -> nn.Module:
@@ -320,7 +346,9 @@ class ModuleInterceptor(Interceptor):
           # replace_module_fn built a second wrapper of `module`'s class
           # in the scope `module` already shares with `layer`.
           raise twice(f'another {type(module).__name__}') from e
-        if layer_replacement is not layer:
+        # (`module` may be this interceptor's own replacement of `layer`,
+        # seen again when one of its helper methods is called.)
+        if layer_replacement is not layer and layer_replacement is not module:
           if _wraps_layer(layer_replacement):
             raise twice(f'{type(layer_replacement).__name__}(method='
                         f'{layer_replacement.method!r})')
@@ -328,12 +356,15 @@ class ModuleInterceptor(Interceptor):
           # replacement, whose calls of `layer` run the quantization wrapper.
           token = self._substitutes.set(
               {**self._substitutes.get(), id(layer): module})
+          _stand_ins.get()[id(layer)] = module
           try:
             return self._run(layer_replacement, module, next_fun,
                              method_name, args, kwargs, skip=(module,))
           finally:
             self._substitutes.reset(token)
       return next_fun(*args, **kwargs)
+    if _wraps_layer(replacement):
+      _stand_ins.get()[id(module)] = replacement
     if is_root:
       raise ValueError(
           f'ModuleInterceptor: replace_module_fn replaced the root module'

@@ -42,6 +42,7 @@ from flax.core import FrozenDict
 import jax
 import jax.numpy as jnp
 
+from peft.linen import interceptor as _interceptor
 from peft.nnx import lora as _nnx_lora
 
 __all__ = [
@@ -285,7 +286,9 @@ def _kernel_box(wrapper: nn.Module) -> nn.Partitioned | None:
   if not isinstance(box, nn.Partitioned):
     return None
   names = tuple(box.names)
-  layer, seen = wrapper.wrapped, 0
+  # Under nested interceptors the quantization wrapper may run in place of
+  # `wrapped` (see `peft.linen.interceptor.stand_in`).
+  layer, seen = _interceptor.stand_in(wrapper.wrapped), 0
   while getattr(layer, '_peft_wraps_layer', False) and seen < 8:
     names = layer._peft_float_kernel_names(names)  # pylint: disable=protected-access
     layer, seen = layer.wrapped, seen + 1
