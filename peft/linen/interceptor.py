@@ -286,7 +286,7 @@ class ModuleInterceptor(Interceptor):
     substitute = self._substitutes.get().get(id(module))
     if substitute is not None:
       # A replacement of `substitute` calls the layer it stands for.
-      return self._run(substitute, module, next_fun, method_name, args,
+      return self._run(substitute, next_fun, method_name, args,
                        kwargs, skip=(module,))
     if not callable(getattr(type(module), method_name, None)):
       # Not a method of the class: the outer shell of a lifted transform
@@ -358,7 +358,7 @@ class ModuleInterceptor(Interceptor):
               {**self._substitutes.get(), id(layer): module})
           _stand_ins.get()[id(layer)] = module
           try:
-            return self._run(layer_replacement, module, next_fun,
+            return self._run(layer_replacement, next_fun,
                              method_name, args, kwargs, skip=(module,))
           finally:
             self._substitutes.reset(token)
@@ -373,17 +373,19 @@ class ModuleInterceptor(Interceptor):
           ' build the wrapper directly, e.g.'
           ' `peft.LoRADense(rank=4, wrapped=nn.Dense(8)).init(...)`.'
       )
-    return self._run(replacement, module, next_fun, method_name, args,
+    return self._run(replacement, next_fun, method_name, args,
                      kwargs, skip=(module,))
 
-  def _run(self, replacement, module, next_fun, method_name, args, kwargs,
-           skip):
-    """Calls `replacement.<method_name>` in place of `module`'s method."""
+  def _run(self, replacement, next_fun, method_name, args, kwargs, skip):
+    """Calls `replacement.<method_name>` in place of the intercepted method.
+
+    The modules in `skip` and `replacement` are not intercepted again by
+    this interceptor while it runs.
+    """
     method = getattr(type(replacement), method_name, None)
     if method is None or not callable(method):
       # The replacement does not provide this method: keep the original.
       return next_fun(*args, **kwargs)
-    del module
     token = self._no_recurse.set(
         self._no_recurse.get() | {id(m) for m in skip} | {id(replacement)}
     )
