@@ -235,6 +235,22 @@ def scenario_nnx_qlora() -> dict:
           'lora_before': before, 'lora_after': after, 'losses': losses}
 
 
+def scenario_nnx_multi() -> dict:
+  """Two named adapters routed per example (a rank-padded bank per layer)."""
+  import peft.nnx as pnnx  # pylint: disable=g-import-not-at-top
+  mesh = _mesh()
+  with jax.set_mesh(mesh):
+    model = Transformer(nnx.Rngs(0))
+    pnnx.apply_lora(model, rank=4, name='task_a', rngs=nnx.Rngs(1))
+    pnnx.apply_lora(model, rank=2, name='task_b', rngs=nnx.Rngs(2))
+    ids = jnp.array([0, 1, 1, 0, -1, 0, 1, 0])[:B]
+    pnnx.set_adapter_ids(model, ids)
+    before = _nnx_lora_specs(model)
+    losses, _ = _nnx_train(model, mesh)
+    after = _nnx_lora_specs(model)
+  return {'lora_before': before, 'lora_after': after, 'losses': losses}
+
+
 # ---------------------------------------------------------------------------
 # Linen model (nn.with_partitioning; peft.LoRADense / LoRAEinsum).
 
@@ -388,6 +404,7 @@ SCENARIOS = {
     'nnx_qlora': scenario_nnx_qlora,
     'linen_lora': scenario_linen_lora,
     'linen_quantize_checkpoint': scenario_linen_quantize_checkpoint,
+    'nnx_multi': scenario_nnx_multi,
 }
 
 

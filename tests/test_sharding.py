@@ -89,7 +89,7 @@ def test_runs_on_eight_devices(results):
 _NNX = ['nnx_lora', 'nnx_qlora']
 
 
-@pytest.mark.parametrize('name', _NNX + ['linen_lora'])
+@pytest.mark.parametrize('name', _NNX + ['linen_lora', 'nnx_multi'])
 def test_jitted_lora_step_loss_falls(results, name):
   losses = _scenario(results, name)['losses']
   assert all(l == l for l in losses), losses  # no NaN
@@ -115,6 +115,20 @@ def test_nnx_lora_factors_inherit_kernel_names(results, when):
 def test_nnx_qlora_factors_inherit_kernel_names(results, when):
   res = _scenario(results, 'nnx_qlora')
   assert _lora_specs(res, when) == _expected_lora(_NNX_LORA)
+
+
+@pytest.mark.parametrize('when', ['lora_before', 'lora_after'])
+def test_named_adapter_banks_keep_kernel_names(results, when):
+  """Every named adapter's factors carry the kernel's names on the non-rank
+  axes, before and after a jitted step routed per example."""
+  res = _scenario(results, 'nnx_multi')
+  expected = {}
+  for layer, (a, b) in _NNX_LORA.items():
+    expected[f'{layer}/lora/a'] = a
+    expected[f'{layer}/lora/b'] = b
+    expected[f'{layer}/adapters/task_b/a'] = a
+    expected[f'{layer}/adapters/task_b/b'] = b
+  assert _lora_specs(res, when) == expected
 
 
 def _storage(res, key, layer):

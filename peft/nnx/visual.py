@@ -35,6 +35,8 @@ from flax import nnx
 from treescope import formatting_util
 from treescope import rendering_parts as rp
 
+from peft import _compat
+
 __all__ = [
     'describe',
     'lora_treescope_repr',
@@ -128,6 +130,28 @@ def _kernel_shape(layer: Any) -> tuple[int, ...]:
   return _kernel_shape(inner) if inner is not None else ()
 
 
+def _adapters_label(layer: Any) -> str:
+  """'rank=8, scale=2' for one adapter; names, ranks and weights for more."""
+  lora = layer.lora
+  names = tuple(getattr(layer, 'adapter_names', ()) or ())
+  if len(names) <= 1 and getattr(layer, 'adapter_weights', None) is None:
+    dora = ', dora' if getattr(lora, 'magnitude', None) is not None else ''
+    return (f'rank={getattr(lora, "rank", "?")}, '
+            f'scale={_fmt_scale(_value(getattr(lora, "scale", None)))}{dora}')
+  weights = _value(layer.adapter_weights)
+  parts = []
+  for i, name in enumerate(names):
+    ad = layer.adapter(name)
+    w = float(np.asarray(weights)[i]) if weights is not None else 0.0
+    parts.append(f'{name}: rank={ad.rank} w={w:g}')
+  label = '; '.join(parts)
+  if getattr(layer, 'adapter_ids', None) is not None:
+    label += '; routed per example'
+  if not getattr(layer, 'enabled', True):
+    label += '; disabled'
+  return label
+
+
 def describe(layer: Any) -> str:
   """A one-line label of a (possibly wrapped or quantized) layer.
 
@@ -143,9 +167,8 @@ def describe(layer: Any) -> str:
   lora = getattr(layer, 'lora', None)
   wrapped = getattr(layer, 'wrapped', None)
   if lora is not None and wrapped is not None:
-    return (f'{name}(rank={getattr(lora, "rank", "?")}, '
-            f'scale={_fmt_scale(_value(getattr(lora, "scale", None)))})'
-            f' ▸ {describe(wrapped)}')
+    return f'{name}({_adapters_label(layer)}) ▸ {describe(wrapped)}'
+
   method = getattr(layer, 'method', None)
   if wrapped is not None and method is not None:
     return f'{name}(method={_method_name(method)}) ▸ {describe(wrapped)}'
@@ -220,11 +243,11 @@ def _children(self: Any, names: list[str], path: str | None,
 def _attr_names(self: Any, first: tuple[str, ...]) -> list[str]:
   """Public data attributes, `first` ones first (the NNX rendering's set)."""
   names = [n for n in first if n in vars(self)]
-  nodes = getattr(self, '_pytree__nodes', {})
   for name in vars(self):
-    if name in names or str(name).startswith('_pytree__'):
+    if name in names or _compat.is_internal_attribute(name):
       continue
-    if str(name).startswith('_') and not nodes.get(str(name), False):
+    if str(name).startswith('_') and not _compat.is_data_attribute(
+        self, str(name)):
       continue
     names.append(name)
   return names
@@ -297,12 +320,10 @@ def lora_treescope_repr(self, path, subtree_renderer):
   ```
 
   """
-  lora = self.lora
-  header = [rp.text(f'(rank={getattr(lora, "rank", "?")}, scale='
-                    f'{_fmt_scale(_value(getattr(lora, "scale", None)))})'
-                    f' ▸ {describe(self.wrapped)}')]
-  names = _attr_names(self, ('wrapped', 'lora'))
-  marks = {'wrapped': _comment('  # frozen'), 'lora': _trainable_mark()}
+  header = [rp.text(f'({_adapters_label(self)}) ▸ {describe(self.wrapped)}')]
+  names = _attr_names(self, ('wrapped', 'lora', 'adapters'))
+  marks = {'wrapped': _comment('  # frozen'), 'lora': _trainable_mark(),
+           'adapters': _trainable_mark()}
   c = _counts(self)
   return _node(self, header, _base_note(c), names, path, subtree_renderer,
                color=formatting_util.color_from_string(type(self).__qualname__),

@@ -1,0 +1,145 @@
+"""Several adapters in one batch: mixed per-example routing vs alternatives.
+
+Three ways to serve 32 examples that use 4 adapters (8 examples each):
+
+* `mixed`: one call of 32 examples with `set_adapter_ids` (one id per example);
+* `separate`: 4 calls of 8 examples, each with one adapter active;
+* `single`: one call of 32 examples with a single adapter active (the cost
+  the mixed batch is compared with; target: mixed <= 1.3x single).
+
+Models: the 4x1024 MLP (batch 32 rows) and a 2-layer transformer block
+stack (d_model 256, 4 heads, sequence 64, Einsum projections). Every call is
+a `jax.jit` of a function of the split state (no `nnx.jit` dispatch cost),
+warmed up, then timed `--reps` times with `block_until_ready`; the script
+prints medians and the ratios.
+
+Run: `python benchmarks/multi_adapter.py [--reps 30]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import peft.nnx as pnnx
+
+N_ADAPTERS, BATCH, RANKS = 4, 32, (8, 16, 8, 4)
+
+
+class MLP(nnx.Module):
+  """4 layers of 1024, ReLU between."""
+
+  def __init__(self, rngs):
+    self.layers = nnx.List([nnx.Linear(1024, 1024, rngs=rngs)
+                            for _ in range(4)])
+
+  def __call__(self, x):
+    for i, layer in enumerate(self.layers):
+      x = layer(x)
+      x = jax.nn.relu(x) if i < 3 else x
+    return x
+
+
+class Block(nnx.Module):
+  """Pre-norm attention + MLP block with Einsum projections."""
+
+  def __init__(self, d, heads, rngs):
+    hd = d // heads
+    self.norm1 = nnx.LayerNorm(d, rngs=rngs)
+    self.q = nnx.Einsum('btd,dnh->btnh', (d, heads, hd), rngs=rngs)
+    self.k = nnx.Einsum('btd,dnh->btnh', (d, heads, hd), rngs=rngs)
+    self.v = nnx.Einsum('btd,dnh->btnh', (d, heads, hd), rngs=rngs)
+    self.o = nnx.Einsum('btnh,nhd->btd', (heads, hd, d), rngs=rngs)
+    self.norm2 = nnx.LayerNorm(d, rngs=rngs)
+    self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+    self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+  def __call__(self, x):
+    h = self.norm1(x)
+    q, k, v = self.q(h), self.k(h), self.v(h)
+    att = jax.nn.softmax(jnp.einsum('btnh,bsnh->bnts', q, k)
+                         / q.shape[-1] ** 0.5)
+    x = x + self.o(jnp.einsum('bnts,bsnh->btnh', att, v))
+    return x + self.down(jax.nn.gelu(self.up(self.norm2(x))))
+
+
+class Transformer(nnx.Module):
+
+  def __init__(self, rngs):
+    self.blocks = nnx.List([Block(256, 4, rngs) for _ in range(2)])
+
+  def __call__(self, x):
+    for b in self.blocks:
+      x = b(x)
+    return x
+
+
+def _with_adapters(model):
+  for i, r in enumerate(RANKS):
+    pnnx.apply_lora(model, rank=r, alpha=2.0 * r, name=f'task{i}',
+                    b_init=nnx.initializers.normal(0.1), rngs=nnx.Rngs(i))
+  return model
+
+
+def _timer(model, x, reps):
+  gdef, state = nnx.split(model)
+  fn = jax.jit(lambda s, x: nnx.merge(gdef, s)(x))
+  fn(state, x).block_until_ready()
+  fn(state, x).block_until_ready()
+
+  def once():
+    t = time.perf_counter()
+    fn(state, x).block_until_ready()
+    return time.perf_counter() - t
+  return [once() for _ in range(reps)]
+
+
+def run(name, make, x_shape, reps):
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (BATCH, *x_shape))
+  ids = jnp.repeat(jnp.arange(N_ADAPTERS), BATCH // N_ADAPTERS)
+
+  mixed = _with_adapters(make())
+  pnnx.set_adapter_ids(mixed, ids)
+  single = _with_adapters(make())
+  pnnx.set_active_adapters(single, 'task1')
+  per = BATCH // N_ADAPTERS
+  seps = []
+  for i in range(N_ADAPTERS):
+    m = _with_adapters(make())
+    pnnx.set_active_adapters(m, f'task{i}')
+    seps.append(m)
+  t_mixed, t_single, t_sep = [], [], []
+  for _ in range(3):  # interleave to spread machine noise
+    t_mixed += _timer(mixed, x, reps)
+    t_single += _timer(single, x, reps)
+    t_sep += [sum(ts) for ts in zip(*[
+        _timer(m, x[i * per:(i + 1) * per], reps)
+        for i, m in enumerate(seps)])]
+  med = {k: statistics.median(v) for k, v in
+         (('mixed', t_mixed), ('single', t_single), ('separate', t_sep))}
+  print(f'{name}: median ms  mixed {1e3 * med["mixed"]:.3f}  single'
+        f' {1e3 * med["single"]:.3f}  4 separate calls'
+        f' {1e3 * med["separate"]:.3f}')
+  print(f'{name}: mixed / single = {med["mixed"] / med["single"]:.3f}'
+        f' (target <= 1.3);  mixed / separate ='
+        f' {med["mixed"] / med["separate"]:.3f}')
+  return med
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--reps', type=int, default=30)
+  args = parser.parse_args()
+  run('4x1024 MLP', lambda: MLP(nnx.Rngs(0)), (1024,), args.reps)
+  run('2-layer transformer', lambda: Transformer(nnx.Rngs(0)), (64, 256),
+      args.reps)
+
+
+if __name__ == '__main__':
+  main()
