@@ -8,8 +8,9 @@ module imports or reads a private flax/jax name).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
+from flax import linen as nn
 from flax.nnx import graphlib as _graphlib
 
 __all__ = [
@@ -20,6 +21,9 @@ __all__ = [
     'pytree_node_items',
     'is_internal_attribute',
     'is_data_attribute',
+    # linen
+    'push_linen_interceptor',
+    'linen_einsum_bias_shape',
 ]
 
 # nnx ----------------------------------------------------------------------
@@ -70,3 +74,91 @@ def is_internal_attribute(name: Any) -> bool:
 def is_data_attribute(module: Any, name: str) -> bool:
   """True if NNX treats attribute `name` of `module` as data (not static)."""
   return bool((getattr(module, '_pytree__nodes', None) or {}).get(name, False))
+
+
+# linen
+
+
+def push_linen_interceptor(fn: Callable[..., Any]) -> Callable[[], None]:
+  """Installs a linen method interceptor; returns a function removing it.
+
+  Wraps flax's private `flax.linen.module._global_interceptor_stack` and its
+  `_storage` list (a `threading.local` stack; unchanged from flax 0.7 to at
+  least 0.12.8). The public `nn.intercept_methods(fn)` pops on exit and
+  asserts the popped function is `fn`; two asyncio tasks of one thread whose
+  `with` blocks close out of order break that assertion. The returned
+  `remove()` deletes `fn` itself (the last occurrence) wherever it is in the
+  stack, so blocks may close in any order. Flax versions without that list
+  storage fall back to entering `nn.intercept_methods(fn)` (order-checked).
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from peft import _compat
+    >>> calls = []
+    >>> def count(next_fun, args, kwargs, context):
+    ...   calls.append(context.method_name)
+    ...   return next_fun(*args, **kwargs)
+    >>> remove = _compat.push_linen_interceptor(count)
+    >>> try:
+    ...   _ = nn.Dense(2).init(jax.random.key(0), jnp.ones((1, 3)))
+    ... finally:
+    ...   remove()
+    >>> calls
+    ['__call__']
+
+  Args:
+    fn: an interceptor `(next_fun, args, kwargs, context) -> output`, as
+      taken by `nn.intercept_methods`.
+
+  Returns:
+    A function of no argument that removes `fn` again (call it once).
+  """
+  stack = getattr(nn.module, '_global_interceptor_stack', None)
+  storage = getattr(stack, '_storage', None)
+  if not isinstance(storage, list):  # pragma: no cover - other flax versions
+    cm = nn.intercept_methods(fn)
+    cm.__enter__()
+    return lambda: cm.__exit__(None, None, None)
+  stack.push(fn)
+
+  def remove() -> None:
+    storage = stack._storage  # pylint: disable=protected-access
+    for i in range(len(storage) - 1, -1, -1):
+      if storage[i] is fn:
+        del storage[i]
+        return
+
+  return remove
+
+
+def linen_einsum_bias_shape(einsum: nn.Einsum, einsum_str: str, inputs: Any,
+                            kernel: Any) -> tuple[int, ...]:
+  """The bias shape linen's `nn.Einsum` creates for `einsum_str`.
+
+  Wraps the private method `nn.Einsum._get_bias_shape(einsum_str, inputs,
+  kernel)` (flax >= 0.8, unchanged to at least 0.12.8; it returns
+  `(bias_shape, broadcasted_bias_shape)`). peft's linen quantization wrappers
+  create the bias themselves and must give it exactly the shape `nn.Einsum`
+  would, so a checkpoint of the float layer loads; flax has no public
+  function for it.
+
+  Examples:
+    >>> import flax.linen as nn, jax, jax.numpy as jnp
+    >>> from peft import _compat
+    >>> layer = nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn')
+    >>> _compat.linen_einsum_bias_shape(
+    ...     layer, 'bi,imn->bmn', jnp.ones((5, 4)), jnp.ones((4, 2, 3)))
+    (2, 3)
+
+  Args:
+    einsum: the `nn.Einsum` (bound or not).
+    einsum_str: the einsum string used for the call.
+    inputs: the input array (or anything with `.shape` / `.ndim`).
+    kernel: the kernel array (or a `jax.ShapeDtypeStruct`).
+
+  Returns:
+    The bias shape as a tuple of ints.
+  """
+  get_bias_shape = einsum._get_bias_shape  # pylint: disable=protected-access
+  bias_shape, _ = get_bias_shape(einsum_str, inputs, kernel)
+  return tuple(int(d) for d in bias_shape)

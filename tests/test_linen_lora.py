@@ -491,7 +491,7 @@ def test_adapter_kernel_sharding_argument():
   with pytest.raises(TypeError, match='kernel_sharding'):
     LoRADenseAdapter(rank=2, features=6, kernel_sharding='data').init(
         jax.random.key(0), _X)
-  with pytest.raises(ValueError, match='sharding names'):
+  with pytest.raises(ValueError, match='sharding names|kernel_sharding'):
     LoRADenseAdapter(rank=2, features=6, kernel_sharding=('data',)).init(
         jax.random.key(0), _X)
 
@@ -504,6 +504,34 @@ def test_qlora_factors_named_after_float_kernel():
     variables = layer.init(jax.random.key(0), jnp.ones((1, 64)))
     assert _specs(variables)['lora'] == {
         'a': ('data', None), 'b': (None, 'model')}, method
+
+
+@pytest.mark.parametrize('method', ['int4', 'q4_0', 'q4_0_transpose'])
+@pytest.mark.parametrize('order', ['int4_outer', 'lora_outer'])
+def test_qlora_factor_names_under_nested_interceptors(method, order):
+  from peft.linen.quantized import Int4Dense  # pylint: disable=g-import-not-at-top
+
+  class Model(nn.Module):
+
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(64, kernel_init=_partitioned(('data', 'model')))(x)
+
+  def quantize(module):
+    if isinstance(module, nn.Dense):
+      return Int4Dense(method=method, wrapped=module)
+    return module
+
+  def lora(module):
+    if isinstance(module, nn.Dense):
+      return LoRADense(rank=2, wrapped=module)
+    return module
+
+  fns = (quantize, lora) if order == 'int4_outer' else (lora, quantize)
+  with ModuleInterceptor(fns[0]), ModuleInterceptor(fns[1]):
+    variables = Model().init(jax.random.key(0), jnp.ones((1, 64)))
+  assert _specs(variables)['Dense_0']['lora'] == {
+      'a': ('data', None), 'b': (None, 'model')}
 
 
 # ---------------------------------------------------------------------------
@@ -532,3 +560,69 @@ def test_einsum_apply_with_other_rank_names_param():
   with pytest.raises(ValueError,
                      match=re.escape("Dense_0/lora/a has shape (4, 3)")):
     _apply(variables, rank=2)
+
+
+# ---------------------------------------------------------------------------
+# Output dtype follows the wrapped layer; alpha=0 is refused.
+
+_BF16_LAYERS = {
+    'dense': lambda: (LoRADense, nn.Dense(6, dtype=jnp.bfloat16)),
+    'einsum': lambda: (LoRAEinsum, nn.Einsum(
+        shape=(4, 2, 3), einsum_str='bi,imn->bmn', dtype=jnp.bfloat16)),
+    'dense_general': lambda: (LoRADenseGeneral, nn.DenseGeneral(
+        features=(2, 3), dtype=jnp.bfloat16)),
+}
+
+
+@pytest.mark.parametrize('name', sorted(_BF16_LAYERS))
+@pytest.mark.parametrize('lora_dtype', [jnp.float32, jnp.bfloat16])
+def test_output_dtype_is_the_wrapped_layers(name, lora_dtype):
+  cls, layer = _BF16_LAYERS[name]()
+  plain_y, plain_v = layer.init_with_output(jax.random.key(0), _X)
+  assert plain_y.dtype == jnp.bfloat16
+  wrapper = cls(rank=2, wrapped=layer, dtype=lora_dtype)
+  params = wrapper.init(jax.random.key(0), _X)['params']
+  lora = params['lora']
+  lora = {'a': lora['a'], 'b': jnp.full(lora['b'].shape, 0.5, lora['b'].dtype)}
+  y = wrapper.apply({'params': {**params, 'lora': lora}}, _X)
+  assert y.dtype == plain_y.dtype
+  # Reference: the wrapped layer's own output + the LoRA branch, by hand.
+  base = np.asarray(layer.apply(plain_v, _X), np.float32)
+  a = np.asarray(lora['a'], np.float32)
+  b = np.asarray(lora['b'], np.float32)
+  delta = np.einsum('bi,ir,r...->b...', np.asarray(_X), a, b)
+  np.testing.assert_allclose(np.asarray(y, np.float32), base + delta,
+                             rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('alpha', [0, 0.0, -0.0])
+def test_alpha_zero_is_refused_everywhere(alpha):
+  makers = [
+      lambda: LoRADense(rank=2, alpha=alpha, wrapped=nn.Dense(3)),
+      lambda: LoRAEinsum(rank=2, alpha=alpha, wrapped=nn.Einsum(
+          shape=(4, 3), einsum_str='bi,io->bo')),
+      lambda: LoRADenseGeneral(rank=2, alpha=alpha,
+                               wrapped=nn.DenseGeneral(3)),
+      lambda: LoRADenseAdapter(rank=2, alpha=alpha, features=3),
+      lambda: LoRAEinsumAdapter(rank=2, alpha=alpha, einsum_str='bi,io->bo',
+                                shape=(4, 3)),
+      lambda: LoRADenseGeneralAdapter(rank=2, alpha=alpha, features=3),
+  ]
+  for make in makers:
+    with pytest.raises(ValueError, match=r'alpha=0 makes the LoRA scale'
+                       r'[\s\S]*alpha=None'):
+      make()
+
+
+def test_alpha_nonzero_negative_and_none_accepted():
+  for alpha in (None, -2.0, 1, np.float32(4.0)):
+    layer = LoRADense(rank=2, alpha=alpha, wrapped=nn.Dense(3))
+    params = layer.init(jax.random.key(0), _X)['params']
+    params = {**params, 'lora': {'a': params['lora']['a'],
+                                 'b': jnp.ones_like(params['lora']['b'])}}
+    y = layer.apply({'params': params}, _X)
+    scale = 1.0 if alpha is None else float(alpha) / 2
+    ref = (np.asarray(_X) @ np.asarray(params['kernel']) + params['bias']
+           + scale * np.asarray(_X) @ np.asarray(params['lora']['a'])
+           @ np.asarray(params['lora']['b']))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-5, atol=1e-5)

@@ -25,49 +25,43 @@ may be used concurrently from several threads or asyncio tasks.
 from __future__ import annotations
 
 import abc
-import contextlib
 import contextvars
 import dataclasses
 import itertools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
+import flax.core
+from flax import errors
 from flax import linen as nn
+
+from peft import _compat
 
 __all__ = ['Interceptor', 'ModuleInterceptor']
 
 _ids = itertools.count()
 
+# {id(layer): peft quantization wrapper run for it} during the outermost
+# intercepted call, shared by every ModuleInterceptor (None outside a call).
+_stand_ins: contextvars.ContextVar[dict[int, Any] | None] = (
+    contextvars.ContextVar('peft_stand_ins', default=None))
 
-@contextlib.contextmanager
-def _install(fn: Callable[..., Any]) -> Iterator[None]:
-  """Pushes `fn` on linen's (thread-local) interceptor stack for the block.
 
-  Unlike `nn.intercept_methods`, exiting removes `fn` itself rather than
-  asserting it is on top, so blocks opened by interleaved asyncio tasks of one
-  thread may close in any order (each `fn` checks its own contextvars and is
-  a no-op outside its own task's block).
+def stand_in(layer: Any) -> Any:
+  """The peft quantization wrapper run in place of `layer`, or `layer`.
 
-  This touches flax's private `_global_interceptor_stack._storage` on
-  purpose: the public `nn.intercept_methods` pops on exit and asserts the
-  popped function is its own, which fails (AssertionError) when two asyncio
-  tasks of one thread close their blocks out of order (flax 0.12.8; see
-  tests/test_linen_interceptor.py::test_asyncio_tasks). Flax versions
-  without that list storage fall back to `nn.intercept_methods`.
+  When a `ModuleInterceptor` runs a quantization wrapper (`SimulateQuantized*`,
+  `Int4*`) for `layer`, a LoRA wrapper whose `wrapped` is the float `layer`
+  asks here, during the same `init`/`apply`, to read the stored kernel's
+  layout (e.g. Q4_0 storage) right.
+
+  Examples:
+    >>> import flax.linen as nn
+    >>> from peft.linen import interceptor
+    >>> dense = nn.Dense(3)
+    >>> interceptor.stand_in(dense) is dense
+    True
   """
-  stack = getattr(nn.module, '_global_interceptor_stack', None)
-  if not isinstance(getattr(stack, '_storage', None), list):
-    with nn.intercept_methods(fn):  # pragma: no cover - other flax versions
-      yield
-    return
-  stack.push(fn)
-  try:
-    yield
-  finally:
-    storage = stack._storage  # pylint: disable=protected-access
-    for i in range(len(storage) - 1, -1, -1):
-      if storage[i] is fn:
-        del storage[i]
-        break
+  return (_stand_ins.get() or {}).get(id(layer), layer)
 
 
 class Interceptor(abc.ABC):
@@ -119,7 +113,7 @@ class Interceptor(abc.ABC):
 
   def _open_entries(self) -> contextvars.ContextVar:
     # One ContextVar per instance, created lazily (subclasses need not call
-    # `__init__`); it holds the (entry, context manager) of each open block.
+    # `__init__`); it holds the (entry, remove function) of each open block.
     var = self.__dict__.get('_peft_open_entries')
     if var is None:
       var = contextvars.ContextVar(
@@ -143,9 +137,8 @@ class Interceptor(abc.ABC):
         return next_fun(*args, **kwargs)
       return self._intercept(entry, next_fun, args, kwargs, context)
 
-    cm = _install(fn)
-    cm.__enter__()
-    var.set(var.get() + ((entry, cm),))
+    remove = _compat.push_linen_interceptor(fn)
+    var.set(var.get() + ((entry, remove),))
     return self
 
   def __exit__(self, exc_type, exc, tb) -> bool | None:
@@ -156,24 +149,39 @@ class Interceptor(abc.ABC):
           f'{type(self).__name__}.__exit__ called without a matching'
           ' __enter__ in this thread/context; use it as `with interceptor:`'
       )
-    _, cm = open_entries[-1]
+    _, remove = open_entries[-1]
     var.set(open_entries[:-1])
-    return cm.__exit__(exc_type, exc, tb)
+    remove()
+    return None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Replacement:
-  # Keeps the original alive so that its id() is not reused while cached.
-  original: nn.Module
-  replacement: nn.Module
-  is_root: bool
+class StandsForLayer:
+  """Mixin of peft's linen wrappers that compute their `wrapped` layer
+  themselves (`SimulateQuantized*`, `Int4*`): same params, another kernel.
+
+  LoRA wrappers call their `wrapped` layer and are not `StandsForLayer`.
+
+  Examples:
+    >>> import peft
+    >>> issubclass(peft.SimulateQuantizedDense, StandsForLayer)
+    True
+  """
 
 
-class _State:
-  """Per-`with` bookkeeping: the replacement made for each module instance."""
+def _wraps_layer(module: nn.Module) -> bool:
+  """True for peft wrappers that compute their `wrapped` layer themselves.
 
-  def __init__(self) -> None:
-    self.replacements: dict[int, _Replacement] = {}
+  `SimulateQuantized*` and `Int4*` never call the layer they wrap; they stand
+  for it (same params, another kernel). LoRA wrappers call their `wrapped`.
+  """
+  return isinstance(module, StandsForLayer)
+
+
+def _is_root(module: nn.Module) -> bool:
+  """True for the module given to `init`/`apply` (not a transform's clone)."""
+  scope = module.scope
+  return isinstance(module.parent, flax.core.Scope) and (
+      scope is None or not tuple(scope.path))
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -185,14 +193,27 @@ class ModuleInterceptor(Interceptor):
   in place of the original (for `__call__` and any other method the
   replacement defines). Rules:
 
-  * each module instance is replaced once per `with` block: a module called
-    twice is wrapped once and reuses the same replacement (and its params);
+  * each module instance is replaced once per outermost `init`/`apply` call
+    (more precisely, per outermost intercepted module call): a module called
+    twice is wrapped once and reuses the same replacement (and its params).
+    Nothing is kept once that call returns, so a long-running block holds no
+    memory for the calls it has finished;
   * the replacement's own calls to the module it wraps are not intercepted
     again (no infinite wrapping); other modules, including children of the
     wrapped module, are still intercepted;
   * `peft` wrappers share the wrapped module's scope, so the wrapped `Dense_0`
     holds `{'kernel', 'bias', 'lora': {'a', 'b'}}`; a wrapper without shared
     scope nests its params under the wrapped module (`Dense_0/MyWrapper_0`);
+  * a peft quantization wrapper (`SimulateQuantized*`, `Int4*`) stands for
+    the layer it wraps: when `replace_module_fn` keeps the quantization
+    wrapper but replaces its wrapped layer (e.g. by `LoRADense`), the
+    replacement runs and its calls of the layer run the quantized layer.
+    So nested interceptors compose in either order: a quantization
+    interceptor and a LoRA interceptor give a quantized base with LoRA on
+    top (`kernel`, `bias`, `lora: {a, b}` in the layer's scope). Two
+    quantizations of one layer are a ValueError;
+  * methods of lifted transforms (`nn.remat(nn.Dense)`, ...) are looked
+    through: the module inside the transform is the one replaced;
   * state is kept in `contextvars`: one instance can be used concurrently by
     several threads or asyncio tasks, each with its own model;
   * the root module given to `init`/`apply` cannot be replaced (ValueError):
@@ -213,6 +234,18 @@ class ModuleInterceptor(Interceptor):
     >>> params['layers_0']['lora']['a'].shape
     (5, 3)
 
+    Nested with a quantization interceptor (either order):
+
+    >>> def _quantize_dense(module):
+    ...   if isinstance(module, nn.Dense):
+    ...     return peft.SimulateQuantizedDense(wrapped=module, method='int8')
+    ...   return module
+    >>> with peft.ModuleInterceptor(_quantize_dense):
+    ...   with peft.ModuleInterceptor(_replace_dense_by_lora):
+    ...     params = model.init(jax.random.key(0), x)['params']
+    >>> sorted(params['layers_1']), sorted(params['layers_1']['lora'])
+    (['bias', 'kernel', 'lora'], ['a', 'b'])
+
   Attributes:
     replace_module_fn: `module -> module`; return the module itself to keep
       it unchanged.
@@ -226,27 +259,24 @@ class ModuleInterceptor(Interceptor):
           'replace_module_fn must be a callable `module -> module`, got'
           f' {type(self.replace_module_fn).__name__}'
       )
+    n = next(_ids)
+    var = contextvars.ContextVar
     # ids of the modules whose calls must not be intercepted (the wrapper
     # running and the module it wraps), for the current call stack.
-    object.__setattr__(
-        self,
-        '_no_recurse',
-        contextvars.ContextVar(
-            f'peft_module_interceptor_skip_{next(_ids)}', default=frozenset()
-        ),
-    )
-    # State used when `interceptor` is installed by hand, without `with`.
-    object.__setattr__(
-        self,
-        '_loose_state',
-        contextvars.ContextVar(f'peft_module_interceptor_{next(_ids)}'),
-    )
-
-  def _new_entry(self) -> _State:
-    return _State()
+    object.__setattr__(self, '_no_recurse', var(
+        f'peft_module_interceptor_skip_{n}', default=frozenset()))
+    # {id(layer): quantization wrapper} for the layers that a replacement of
+    # a quantization wrapper calls (see `_route`), for the current call stack.
+    object.__setattr__(self, '_substitutes', var(
+        f'peft_module_interceptor_substitutes_{n}', default={}))
+    # {id(module): (module, replacement)} of the outermost intercepted call
+    # running in this context (None outside such a call).
+    object.__setattr__(self, '_cache', var(
+        f'peft_module_interceptor_cache_{n}', default=None))
 
   def _intercept(self, entry, next_fun, args, kwargs, context):
-    return self._route(entry, next_fun, args, kwargs, context)
+    del entry
+    return self._route(next_fun, args, kwargs, context)
 
   def interceptor(self, next_fun, args, kwargs, context):
     """Routes the call to the (cached) replacement of `context.module`.
@@ -254,37 +284,101 @@ class ModuleInterceptor(Interceptor):
     Used as is when installed by hand with `nn.intercept_methods`; the `with`
     statement is the intended use.
     """
-    state = self._active_entry()
-    if state is None:
-      state = self._loose_state.get(None)
-      if state is None:
-        state = _State()
-        self._loose_state.set(state)
-    return self._route(state, next_fun, args, kwargs, context)
+    return self._route(next_fun, args, kwargs, context)
 
-  def _route(self, state: _State, next_fun, args, kwargs, context):
+  def _cache_size(self) -> int:
+    """Replacements held in the current context (0 outside any model call)."""
+    cache = self._cache.get()
+    return 0 if cache is None else len(cache)
+
+  def _route(self, next_fun, args, kwargs, context):
     module = context.module
     method_name = context.method_name
     if method_name == 'setup' or id(module) in self._no_recurse.get():
       return next_fun(*args, **kwargs)
-    cached = state.replacements.get(id(module))
-    if cached is None:
-      # Checked before replace_module_fn, which may re-parent the module.
-      is_root = isinstance(module.parent, nn.module.Scope)
-      replacement = self.replace_module_fn(module)
-      if not isinstance(replacement, nn.Module):
-        raise TypeError(
-            'replace_module_fn must return a linen Module (the module itself'
-            f' to keep it), got {type(replacement).__name__} for'
-            f' {type(module).__name__} {module.name!r}'
-        )
-      cached = _Replacement(original=module, replacement=replacement,
-                            is_root=is_root)
-      state.replacements[id(module)] = cached
-    replacement = cached.replacement
-    if replacement is module:
+    substitute = self._substitutes.get().get(id(module))
+    if substitute is not None:
+      # A replacement of `substitute` calls the layer it stands for.
+      return self._run(substitute, next_fun, method_name, args,
+                       kwargs, skip=(module,))
+    if not callable(getattr(type(module), method_name, None)):
+      # Not a method of the class: the outer shell of a lifted transform
+      # (nn.remat(nn.Dense), ...); the module inside it is intercepted.
       return next_fun(*args, **kwargs)
-    if cached.is_root:
+    if self._cache.get() is not None:
+      return self._dispatch(module, next_fun, method_name, args, kwargs)
+    token = self._cache.set({})
+    shared = _stand_ins.set({}) if _stand_ins.get() is None else None
+    try:
+      return self._dispatch(module, next_fun, method_name, args, kwargs)
+    finally:
+      if shared is not None:
+        _stand_ins.reset(shared)
+      self._cache.reset(token)
+
+  def _replacement(self, module: nn.Module) -> nn.Module:
+    """`replace_module_fn(module)`, called once per module instance."""
+    cache = self._cache.get()
+    cached = cache.get(id(module))
+    if cached is not None:
+      return cached[1]
+    replacement = self.replace_module_fn(module)
+    if not isinstance(replacement, nn.Module):
+      raise TypeError(
+          'replace_module_fn must return a linen Module (the module itself'
+          f' to keep it), got {type(replacement).__name__} for'
+          f' {type(module).__name__} {module.name!r}'
+      )
+    # The module is kept with its replacement so that its id() is not
+    # reused while cached.
+    cache[id(module)] = (module, replacement)
+    return replacement
+
+  def _dispatch(self, module, next_fun, method_name, args, kwargs):
+    is_root = _is_root(module)  # before replace_module_fn may re-parent it
+    replacement = self._replacement(module)
+    if replacement is module:
+      no_recurse = self._no_recurse.get()
+      if _wraps_layer(module) and id(module.wrapped) not in no_recurse:
+        # (A layer in `_no_recurse` is already replaced up the call stack,
+        # e.g. by `LoRADense(wrapped=Int4Dense(wrapped=layer))`.)
+        layer = module.wrapped
+
+        def twice(other: str) -> ValueError:
+          return ValueError(
+              f'ModuleInterceptor: {type(layer).__name__} {layer.name!r} is'
+              f' quantized twice: by {type(module).__name__}(method='
+              f'{module.method!r}) and by {other} from replace_module_fn. A'
+              ' layer takes one quantization wrapper: return the module'
+              ' unchanged from one of the nested interceptors.'
+          )
+
+        try:
+          layer_replacement = self._replacement(layer)
+        except errors.NameInUseError as e:
+          # replace_module_fn built a second wrapper of `module`'s class
+          # in the scope `module` already shares with `layer`.
+          raise twice(f'another {type(module).__name__}') from e
+        # (`module` may be this interceptor's own replacement of `layer`,
+        # seen again when one of its helper methods is called.)
+        if layer_replacement is not layer and layer_replacement is not module:
+          if _wraps_layer(layer_replacement):
+            raise twice(f'{type(layer_replacement).__name__}(method='
+                        f'{layer_replacement.method!r})')
+          # The quantization wrapper stands for `layer`: run the layer's
+          # replacement, whose calls of `layer` run the quantization wrapper.
+          token = self._substitutes.set(
+              {**self._substitutes.get(), id(layer): module})
+          _stand_ins.get()[id(layer)] = module
+          try:
+            return self._run(layer_replacement, next_fun,
+                             method_name, args, kwargs, skip=(module,))
+          finally:
+            self._substitutes.reset(token)
+      return next_fun(*args, **kwargs)
+    if _wraps_layer(replacement):
+      _stand_ins.get()[id(module)] = replacement
+    if is_root:
       raise ValueError(
           f'ModuleInterceptor: replace_module_fn replaced the root module'
           f' ({type(module).__name__}) of init/apply; linen cannot rebind the'
@@ -292,12 +386,21 @@ class ModuleInterceptor(Interceptor):
           ' build the wrapper directly, e.g.'
           ' `peft.LoRADense(rank=4, wrapped=nn.Dense(8)).init(...)`.'
       )
+    return self._run(replacement, next_fun, method_name, args,
+                     kwargs, skip=(module,))
+
+  def _run(self, replacement, next_fun, method_name, args, kwargs, skip):
+    """Calls `replacement.<method_name>` in place of the intercepted method.
+
+    The modules in `skip` and `replacement` are not intercepted again by
+    this interceptor while it runs.
+    """
     method = getattr(type(replacement), method_name, None)
     if method is None or not callable(method):
       # The replacement does not provide this method: keep the original.
       return next_fun(*args, **kwargs)
     token = self._no_recurse.set(
-        self._no_recurse.get() | {id(module), id(replacement)}
+        self._no_recurse.get() | {id(m) for m in skip} | {id(replacement)}
     )
     try:
       return getattr(replacement, method_name)(*args, **kwargs)

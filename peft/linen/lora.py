@@ -2,8 +2,9 @@
 
 These are the document's linen modules. Their state and math are the NNX
 adapters of `peft.nnx.lora` (`LoRALinearAdapter`, `LoRAEinsumAdapter`,
-`LoRALinearGeneralAdapter`), run inside linen through `flax.nnx.bridge.ToLinen`
-and `nn.share_scope`, so the parameter layout is the document's:
+`LoRALinearGeneralAdapter`), run inside linen by a small bridge (built like
+`flax.nnx.bridge.ToLinen`, public APIs only) and `nn.share_scope`, so the
+parameter layout is the document's:
 
     {'Dense_0': {'kernel': ..., 'bias': ..., 'lora': {'a': [in, r], 'b': [r, out]}}}
 
@@ -30,17 +31,18 @@ Examples:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any, Callable, ClassVar
 
+from flax import errors
 from flax import linen as nn
 from flax import nnx
 from flax.core import FrozenDict
-from flax.nnx import bridge
-from flax.nnx import variablelib as _variablelib
 import jax
 import jax.numpy as jnp
 
+from peft.linen import interceptor as _interceptor
 from peft.nnx import lora as _nnx_lora
 
 __all__ = [
@@ -63,51 +65,6 @@ _FACTORS = ('a', 'b')
 # ---------------------------------------------------------------------------
 # The bridge: an NNX module run as linen, its Params in `params`.
 # ---------------------------------------------------------------------------
-
-
-class _ParamsToLinen(bridge.ToLinen):
-  """`nnx.bridge.ToLinen` storing every `nnx.Param` (incl. `LoRAParam`) in `params`.
-
-  Plain `ToLinen` files `nnx.LoRAParam` under a `LoRAParam` collection and the
-  `LoRAScale` under `LoRAScale`. Here all `Param` subclasses go to `params`
-  (the document's layout) and `LoRAScale` is not stored: `ToLinen` rebuilds
-  the NNX module from its constructor arguments on every call, which restores
-  the scale.
-
-  `box`: optional `nn.Partitioned` template (value unused). Params whose NNX
-  metadata carries `out_sharding` names (the adapter was given
-  `kernel_sharding`) are stored as `box.replace(value=v, names=names)`, so
-  they keep the wrapped kernel's box class, mesh and rules.
-  """
-
-  box: Any = None
-
-  def _to_linen(self, leaf):
-    names = leaf.get_metadata().get('out_sharding')
-    if self.box is not None and names is not None:
-      return self.box.replace(value=leaf.get_value(), names=tuple(names))
-    return self.metadata_fn(leaf) if self.metadata_fn else leaf.get_value()
-
-  def _update_variables(self, module):
-    groups: dict[str, list[tuple[tuple[Any, ...], Any]]] = {}
-    state = nnx.state(module, nnx.Not(nnx.Any(nnx.RngState,
-                                              _nnx_lora.LoRAScale)))
-    for path, leaf in nnx.to_flat_state(state):
-      if isinstance(leaf, nnx.Param):
-        collection = 'params'
-      else:
-        collection = _variablelib.variable_name_from_type(
-            type(leaf), allow_register=True
-        )
-      groups.setdefault(collection, []).append((path, leaf))
-    for collection, flat in groups.items():
-      if not self.is_mutable_collection(collection):
-        continue
-      tree = nnx.traversals.unflatten_mapping(
-          {path: self._to_linen(leaf) for path, leaf in flat}
-      )
-      for key, value in tree.items():
-        self.put_variable(collection, key, value)
 
 
 def _unboxed(x):
@@ -188,12 +145,66 @@ def _run_adapter(module: nn.Module, nnx_class, args, kwargs, inputs, *,
             ' with `peft.merge_params(original, lora)`.'
         )
     _check_factor_shapes(module, nnx_class, args, kwargs)
-  child = _ParamsToLinen(
-      nnx_class, args=tuple(args), kwargs=FrozenDict(kwargs), box=box,
-      name='bridge'
-  )
-  nn.share_scope(module, child)
-  return child(inputs, **call)
+  return _bridge_call(module, nnx_class, tuple(args), kwargs, box, inputs,
+                      **call)
+
+
+def _to_linen_value(leaf: nnx.Variable, box: nn.Partitioned | None):
+  """A param's linen value: boxed like the kernel when it has sharding names."""
+  names = leaf.get_metadata().get('out_sharding')
+  if box is not None and names is not None:
+    return box.replace(value=leaf.get_value(), names=tuple(names))
+  return leaf.get_value()
+
+
+def _bridge_call(module: nn.Module, nnx_class, args, kwargs, box, inputs,
+                 **call):
+  """Builds NNX `nnx_class(*args, **kwargs)` around `module`'s params, runs it.
+
+  The bridge between linen and the NNX adapter, with public APIs only (in
+  the spirit of `nnx.bridge.ToLinen`, which would file `nnx.LoRAParam` under
+  a `LoRAParam` collection): every `nnx.Param` (`LoRAParam` included) of the
+  NNX module is the linen param of the same path in `module`'s `params`;
+  other variables (the `LoRAScale` constant) are rebuilt from the
+  constructor arguments on each call and not stored. When the params are
+  missing and `params` is mutable (init) the NNX module's own initial values
+  are stored, drawn from `module`'s rng streams.
+  """
+  params = module.variables.get('params', {})
+
+  def stored(path):
+    node = params
+    for key in path:
+      if not isinstance(node, Mapping) or key not in node:
+        return None
+      node = node[key]
+    return node
+
+  if module.is_mutable_collection('params') and not params:
+    # init (or apply with mutable params and none stored yet).
+    rngs = {name: module.make_rng(name) for name in module.scope.rngs}
+    layer = nnx_class(*args, **kwargs,
+                      rngs=nnx.Rngs(**(rngs or {'default': 0})))
+    tree = nnx.traversals.unflatten_mapping({
+        path: _to_linen_value(leaf, box)
+        for path, leaf in nnx.to_flat_state(nnx.state(layer, nnx.Param))
+    })
+    for key, value in tree.items():
+      module.put_variable('params', key, value)
+  else:
+    layer = nnx_class(*args, **kwargs, rngs=nnx.Rngs(0))
+    paths = [p for p, _ in nnx.to_flat_state(nnx.state(layer, nnx.Param))]
+    missing = ['/'.join(map(str, p)) for p in paths if stored(p) is None]
+    if missing:
+      where = '/'.join(module.scope.path) or '<root>'
+      raise ValueError(
+          f'{type(module).__name__} at {where!r}: the params {missing} are'
+          " missing from the 'params' collection; pass the complete LoRA"
+          ' tree (e.g. `peft.merge_params(original, lora)`)'
+      )
+    nnx.update(layer, nnx.traversals.unflatten_mapping(
+        {path: _unboxed(stored(path)) for path in paths}))
+  return layer(inputs, **call)
 
 
 def _adapter_kwargs(module) -> dict[str, Any]:
@@ -204,6 +215,34 @@ def _adapter_kwargs(module) -> dict[str, Any]:
       b_init=module.b_init,
       param_dtype=module.dtype,
   )
+
+
+def _check_alpha(alpha, owner: str) -> None:
+  """`alpha` is None or a finite, non-zero real number."""
+  if alpha is None:
+    return
+  try:
+    if isinstance(alpha, (bool, str, bytes)):
+      raise TypeError
+    value = float(alpha)
+  except (TypeError, ValueError):
+    raise TypeError(
+        f'{owner}: alpha must be a real number or None, got'
+        f' {type(alpha).__name__} ({alpha!r}); pass e.g. alpha=16.0, or'
+        ' alpha=None for no scaling'
+    ) from None
+  if not math.isfinite(value):
+    raise ValueError(
+        f'{owner}: alpha must be finite, got alpha={alpha!r}; pass e.g.'
+        ' alpha=16.0, or alpha=None for no scaling'
+    )
+  if value == 0:
+    raise ValueError(
+        f'{owner}: alpha=0 makes the LoRA scale alpha / rank zero, so the'
+        ' adapter adds nothing and every gradient of `a` and `b` is 0'
+        ' (training would silently do nothing). Pass a non-zero alpha (e.g.'
+        ' alpha=2 * rank), or alpha=None for no scaling.'
+    )
 
 
 def _check_rank(rank, owner: str) -> None:
@@ -217,7 +256,7 @@ def _check_rank(rank, owner: str) -> None:
 def _base_layer(wrapped: Any) -> Any:
   """The float linen layer under peft quantization wrappers (or `wrapped`)."""
   seen = 0
-  while getattr(wrapped, '_peft_wraps_layer', False) and seen < 8:
+  while isinstance(wrapped, _interceptor.StandsForLayer) and seen < 8:
     wrapped = wrapped.wrapped
     seen += 1
   return wrapped
@@ -247,9 +286,11 @@ def _kernel_box(wrapper: nn.Module) -> nn.Partitioned | None:
   if not isinstance(box, nn.Partitioned):
     return None
   names = tuple(box.names)
-  layer, seen = wrapper.wrapped, 0
-  while getattr(layer, '_peft_wraps_layer', False) and seen < 8:
-    names = layer._peft_float_kernel_names(names)  # pylint: disable=protected-access
+  # Under nested interceptors the quantization wrapper may run in place of
+  # `wrapped` (see `peft.linen.interceptor.stand_in`).
+  layer, seen = _interceptor.stand_in(wrapper.wrapped), 0
+  while isinstance(layer, _interceptor.StandsForLayer) and seen < 8:
+    names = layer.float_kernel_names(names)
     layer, seen = layer.wrapped, seen + 1
   return box.replace(value=None, names=names)
 
@@ -275,8 +316,25 @@ class _LoRAWrapper(nn.Module):
     return dict(alpha=self.alpha, dtype=self.dtype, a_init=self.a_init,
                 b_init=self.b_init, kernel_sharding=_kernel_box(self))
 
+  def _adapter(self, adapter_cls: type[nn.Module], **kwargs) -> nn.Module:
+    """The adapter, named 'lora' in the wrapped layer's scope."""
+    try:
+      return adapter_cls(name='lora', rank=self.rank, **kwargs,
+                         **self._adapter_fields())
+    except errors.NameInUseError as e:
+      path = '/'.join(self.scope.path) or '<root>'
+      raise ValueError(
+          f'{type(self).__name__} at {path!r}: this layer already has a LoRA'
+          " adapter ('lora'): it was wrapped by LoRA twice, e.g. by two"
+          ' nested ModuleInterceptors whose replace_module_fn both return a'
+          ' LoRA wrapper for it. A layer holds one LoRA adapter: return the'
+          ' module unchanged from one of the replace_module_fns (or wrap'
+          ' the layer once).'
+      ) from e
+
   def __post_init__(self):
     _check_rank(self.rank, type(self).__name__)
+    _check_alpha(self.alpha, type(self).__name__)
     _check_wrapped(type(self).__name__, self.wrapped, self._wrapped_type)
     super().__post_init__()
     # Share scope to make the wrapper transparent for the params
@@ -300,6 +358,11 @@ class _LoRAAdapterBase(nn.Module):
   a_init: Initializer = _A_INIT
   b_init: Initializer = _B_INIT
   kernel_sharding: Any = None
+
+  def __post_init__(self):
+    _check_rank(self.rank, type(self).__name__)
+    _check_alpha(self.alpha, type(self).__name__)
+    super().__post_init__()
 
 
 class LoRADenseAdapter(_LoRAAdapterBase):
@@ -506,13 +569,9 @@ class LoRADense(_LoRAWrapper):
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     y = self.wrapped(inputs)
-    adapter = LoRADenseAdapter(
-        name='lora',
-        rank=self.rank,
-        features=_base_layer(self.wrapped).features,
-        **self._adapter_fields(),
-    )
-    return y + adapter(inputs)
+    adapter = self._adapter(
+        LoRADenseAdapter, features=_base_layer(self.wrapped).features)
+    return y + adapter(inputs).astype(y.dtype)
 
 
 class LoRAEinsum(_LoRAWrapper):
@@ -548,14 +607,9 @@ class LoRAEinsum(_LoRAWrapper):
       y = self.wrapped(inputs, einsum_str)
     else:
       y = self.wrapped(inputs)
-    adapter = LoRAEinsumAdapter(
-        name='lora',
-        rank=self.rank,
-        einsum_str=einsum_str,
-        shape=tuple(base.shape),
-        **self._adapter_fields(),
-    )
-    return y + adapter(inputs)
+    adapter = self._adapter(
+        LoRAEinsumAdapter, einsum_str=einsum_str, shape=tuple(base.shape))
+    return y + adapter(inputs).astype(y.dtype)
 
 
 class LoRADenseGeneral(_LoRAWrapper):
@@ -585,12 +639,7 @@ class LoRADenseGeneral(_LoRAWrapper):
   def __call__(self, inputs: Array) -> Array:
     base = _base_layer(self.wrapped)
     y = self.wrapped(inputs)
-    adapter = LoRADenseGeneralAdapter(
-        name='lora',
-        rank=self.rank,
-        features=base.features,
-        axis=base.axis,
-        batch_dims=base.batch_dims,
-        **self._adapter_fields(),
-    )
-    return y + adapter(inputs)
+    adapter = self._adapter(
+        LoRADenseGeneralAdapter, features=base.features, axis=base.axis,
+        batch_dims=base.batch_dims)
+    return y + adapter(inputs).astype(y.dtype)

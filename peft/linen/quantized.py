@@ -43,6 +43,7 @@ import jax.numpy as jnp
 
 from peft import geometry as _geometry
 from peft import quantization as _q
+from peft.linen import interceptor as _interceptor
 from peft.linen.lora import _unboxed
 from peft.linen.quantized_checkpoint import LAYOUT_MARKERS as _LAYOUT_MARKERS
 from peft.linen.quantized_checkpoint import as_method as _as_method
@@ -183,7 +184,7 @@ def _check_wrapped(owner: str, wrapped: Any, layer_type: type) -> None:
     )
 
 
-class _QuantizedWrapper(nn.Module):
+class _QuantizedWrapper(nn.Module, _interceptor.StandsForLayer):
   """Fields and checks of the wrappers; shares the wrapped layer's scope.
 
   Sharing the scope keeps the params where the wrapped layer had them.
@@ -194,21 +195,19 @@ class _QuantizedWrapper(nn.Module):
   method: QuantizationMethod | str = QuantizationMethod.INT4
 
   _wrapped_type: ClassVar[type[nn.Module]]
-  # Lets LoRA wrappers find the float layer under a quantization wrapper.
-  _peft_wraps_layer = True
   # True when the params hold packed storage rather than the float kernel.
-  _peft_packed = False
+  packed: ClassVar[bool] = False
 
-  def _peft_float_kernel_names(self, names):
+  def float_kernel_names(self, names):
     """The float kernel's sharding names from those of the stored `kernel`."""
-    if not self._peft_packed:
+    if not self.packed:
       return tuple(names)
     return _q.kernel_names(self._method, names)
 
   def __post_init__(self):
     owner = type(self).__name__
     _check_wrapped(owner, self.wrapped, self._wrapped_type)
-    _as_method(self.method, owner, packed=self._peft_packed)
+    _as_method(self.method, owner, packed=self.packed)
     super().__post_init__()
     if self.scope is not None and self.wrapped.scope is not None:
       nn.share_scope(self, self.wrapped)
@@ -423,7 +422,7 @@ class Int4Dense(_QuantizedWrapper):
   """
 
   _wrapped_type = nn.Dense
-  _peft_packed = True
+  packed: ClassVar[bool] = True
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -464,7 +463,7 @@ class Int4Einsum(_QuantizedWrapper):
   """
 
   _wrapped_type = nn.Einsum
-  _peft_packed = True
+  packed: ClassVar[bool] = True
 
   @nn.compact
   def __call__(self, inputs: Array, einsum_str: str | None = None) -> Array:
