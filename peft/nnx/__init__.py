@@ -13,6 +13,8 @@ Examples:
   (1, 4)
 """
 
+from peft.nnx.lora import LoRA
+from peft.nnx.lora import LoRAAdapter
 from peft.nnx.lora import LoRAEinsum
 from peft.nnx.lora import LoRAEinsumAdapter
 from peft.nnx.lora import LoRALinear
@@ -24,9 +26,13 @@ from peft.nnx.quantized import Int4Einsum
 from peft.nnx.quantized import Int4Linear
 from peft.nnx.quantized import Int4LinearGeneral
 from peft.nnx.quantized import QuantizedWeight
+from peft.nnx.quantized import QuantizedLayer
+from peft.nnx.quantized import SimulateQuantized
 from peft.nnx.quantized import SimulateQuantizedEinsum
 from peft.nnx.quantized import SimulateQuantizedLinear
 from peft.nnx.quantized import SimulateQuantizedLinearGeneral
+from peft.nnx.registry import LayerType
+from peft.nnx.registry import register_layer
 from peft.nnx.surgery import ParamSummary
 from peft.nnx.surgery import apply_lora
 from peft.nnx.surgery import lora_state
@@ -38,6 +44,12 @@ from peft.nnx.surgery import simulate_quantization
 from peft.nnx.surgery import summary
 
 __all__ = [
+    'LoRA',
+    'LoRAAdapter',
+    'SimulateQuantized',
+    'QuantizedLayer',
+    'register_layer',
+    'LayerType',
     'LoRALinear',
     'LoRAEinsum',
     'LoRALinearGeneral',
