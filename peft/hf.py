@@ -79,6 +79,8 @@ __all__ = [
     'ADAPTER_WEIGHTS',
     'ADAPTER_INDEX',
     'KeyMap',
+    'TUNIX_LLAMA3',
+    'TUNIX_QWEN',
     'read_adapter_config',
     'load_adapter',
     'save_adapter',
@@ -171,6 +173,21 @@ def _check_rules(rules, what):
       re.compile(rule[0])
     except re.error as e:
       raise ValueError(f'{what}: {rule[0]!r} is not a valid regex ({e})') from None
+
+
+#: tunix's NNX Llama3 and Qwen2/Qwen3 models (`tunix.models.llama3`,
+#: `tunix.models.qwen2`, `tunix.models.qwen3`): `model.layers.N.self_attn.X`
+#: <-> `layers/N/attn/X` (Einsum layers with split head axes: `q_proj.w` is
+#: `[embed, heads, head_dim]`, `o_proj.w` `[heads, head_dim, embed]`; the
+#: factors reshape row-major, as tunix reshapes the base weights) and
+#: `model.layers.N.mlp.X` <-> `layers/N/mlp/X`.
+TUNIX_LLAMA3 = KeyMap(
+    to_jax=((r'^model\.layers\.(\d+)\.self_attn\.', r'layers/\1/attn/'),
+            (r'^model\.layers\.(\d+)\.mlp\.', r'layers/\1/mlp/')),
+    to_hf=((r'^layers/(\d+)/attn/', r'model.layers.\1.self_attn.'),
+           (r'^layers/(\d+)/mlp/', r'model.layers.\1.mlp.')),
+)
+TUNIX_QWEN = TUNIX_LLAMA3
 
 
 def _apply_map(rules, name, sep, what):
@@ -439,9 +456,12 @@ def _scale(rank: int, alpha: float, use_rslora: bool) -> float:
 def _factor_matrix_shapes(a_shape, b_shape):
   """(in, r), (r, out) of the 2-D matrices behind factors of these shapes.
 
-  The factors of a layer are `a: (*in_axes, r)` and `b: (r, *out_axes)`; the
-  2-D `[in, out]` view flattens the axes row-major, the split HF models use
-  for their `[out, in]` weights (e.g. `q_proj` rows ordered (head, dim)).
+  The factors of a layer without kernel batch axes are `a: (*contracted, r)`
+  and `b: (r, *output)`, the axes in kernel order (`Geometry.lora_shapes`);
+  the 2-D `[in, out]` view flattens them row-major, as
+  `Geometry.to_matrix` flattens the kernel, which is the split HF models use
+  for their `[out, in]` weights (e.g. tunix's `q_proj.w` `[embed, heads,
+  head_dim]` is HF's `q_proj.weight` transposed, rows ordered (head, dim)).
   """
   a_shape, b_shape = tuple(a_shape), tuple(b_shape)
   return ((int(np.prod(a_shape[:-1], dtype=np.int64)), a_shape[-1]),
@@ -592,11 +612,58 @@ def _nnx_layers(model) -> dict[str, Any]:
   return dict(surgery.select(model))
 
 
-def _kernel_dims(layer):
-  """(in, out) of a plain layer before wrapping, None if unknown."""
-  if isinstance(layer, nnx.Linear):
-    return int(layer.in_features), int(layer.out_features)
-  return None
+def _layer_geometry(layer):
+  """The `peft.geometry.Geometry` of one layer (wrapped or not), or None."""
+  from peft.nnx import registry  # pylint: disable=g-import-not-at-top
+  lora = _lora_of(layer)
+  if lora is not None:
+    return getattr(lora, 'geometry', None)
+  g = getattr(layer, 'geometry', None)  # quantized layers carry theirs
+  if g is not None and not callable(g):
+    return g
+  try:
+    return registry.geometry_of(layer)
+  except TypeError:
+    return None
+
+
+def _lead_shape(layer, geometry):
+  """Stacking axes (nnx.vmap) of an unwrapped layer's kernel, or ()."""
+  from peft.nnx import registry  # pylint: disable=g-import-not-at-top
+  entry = registry.layer_type(layer)
+  kernel = getattr(layer, entry.kernel, None) if entry else None
+  if not isinstance(kernel, nnx.Variable):
+    return ()
+  try:
+    return geometry.lead_shape(np.shape(kernel.get_value()))
+  except ValueError:
+    return ()
+
+
+def _check_geometry(mod, path, layer, errors) -> bool:
+  """Checks the adapter of `mod` fits `layer` before anything is wrapped."""
+  g = _layer_geometry(layer)
+  lora = _lora_of(layer)
+  if g is None:  # checked on the wrapper (after wrapping)
+    return lora is None or _check_shapes(mod, path, lora.a.shape,
+                                         lora.b.shape, errors)
+  if g.batch:
+    errors.append(
+        f'{_PREFIX}{mod.name}: {path} has kernel batch axes {g.batch!r} (e.g.'
+        f' experts) in {g.einsum_str!r}; an HF module holds one 2-D weight:'
+        ' map each HF module to a layer without batch axes')
+    return False
+  if lora is not None:
+    return _check_shapes(mod, path, lora.a.shape, lora.b.shape, errors)
+  lead = _lead_shape(layer, g)
+  if lead:
+    errors.append(
+        f'{path}: a layer stacked by nnx.vmap (leading axes {lead}); HF'
+        ' adapters hold one module per layer: map them with a key_map onto'
+        ' unstacked layers')
+    return False
+  a_shape, b_shape = g.lora_shapes(mod.rank)
+  return _check_shapes(mod, path, a_shape, b_shape, errors)
 
 
 def _check_stacked(lora, path, errors) -> bool:
@@ -629,17 +696,9 @@ def _load_nnx(directory, model, key_map, strict, rngs):
     plan[path] = mod
     layer = layers[path]
     lora = _lora_of(layer)
-    if lora is not None:
-      if not _check_stacked(lora, path, errors):
-        continue
-      _check_shapes(mod, path, lora.a.shape, lora.b.shape, errors)
+    if lora is not None and not _check_stacked(lora, path, errors):
       continue
-    dims = _kernel_dims(layer)
-    want = (mod.lora_a.shape[1], mod.lora_b.shape[0])
-    if dims is not None and dims != want:
-      errors.append(
-          f'{_PREFIX}{name}: adapter for in={want[0]}, out={want[1]} but'
-          f' {path} is {type(layer).__name__}(in={dims[0]}, out={dims[1]})')
+    _check_geometry(mod, path, layer, errors)
   _raise(errors, directory, f'the {type(model).__name__} model')
   if not plan:
     raise ValueError(f'the adapter {directory!r} maps to no layer of the model')
@@ -698,15 +757,17 @@ def _nearby(path, layers, n=3):
   return f' (close: {", ".join(close)})' if close else ''
 
 
-def _check_shapes(mod, path, a_shape, b_shape, errors):
+def _check_shapes(mod, path, a_shape, b_shape, errors) -> bool:
   (n_in, r), (r_b, n_out) = _factor_matrix_shapes(a_shape, b_shape)
   want = (mod.lora_a.shape[1], mod.rank, mod.lora_b.shape[0])
-  if (n_in, r, n_out) != want or r_b != r:
+  ok = (n_in, r, n_out) == want and r_b == r
+  if not ok:
     errors.append(
         f'{_PREFIX}{mod.name}: lora_A {tuple(mod.lora_a.shape)} / lora_B'
         f' {tuple(mod.lora_b.shape)} do not fit {path}, whose factors are'
         f' a {tuple(a_shape)} / b {tuple(b_shape)} (in={n_in}, r={r},'
         f' out={n_out})')
+  return ok
 
 
 def _alpha_of(lora, rank: int, scale: float) -> tuple[float, bool]:
@@ -737,6 +798,12 @@ def _collect_nnx(model, key_map):
           ' the residual base model with it')
       continue
     if not _check_stacked(lora, path, errors):
+      continue
+    g = getattr(lora, 'geometry', None)
+    if g is not None and g.batch:
+      errors.append(
+          f'{path}: kernel batch axes {g.batch!r} (e.g. experts) in'
+          f' {g.einsum_str!r} have no HF LoRA module; save per-expert layers')
       continue
     name = key_map.hf_name(path)
     if name is None:

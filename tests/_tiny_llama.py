@@ -60,11 +60,19 @@ class Attention(nnx.Module):
     x1, x2 = jnp.split(x, 2, axis=-1)
     return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
 
-  def __call__(self, x):
+  def _project(self, x):  # -> q, k, v: [B, T, heads, head_dim]
     b, t, _ = x.shape
-    q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
-    k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
-    v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+    return (self.q_proj(x).reshape(b, t, self.heads, self.head_dim),
+            self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim),
+            self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim))
+
+  def _out(self, o):  # [B, T, heads, head_dim] -> [B, T, D]
+    b, t = o.shape[:2]
+    return self.o_proj(o.reshape(b, t, self.heads * self.head_dim))
+
+  def __call__(self, x):
+    t = x.shape[1]
+    q, k, v = self._project(x)
     q, k = self._rope(q), self._rope(k)
     rep = self.heads // self.kv_heads
     k, v = jnp.repeat(k, rep, axis=2), jnp.repeat(v, rep, axis=2)
@@ -74,7 +82,33 @@ class Attention(nnx.Module):
     s = jnp.where(mask, s, jnp.finfo(s.dtype).min)
     p = jax.nn.softmax(s, axis=-1)
     o = jnp.einsum('bhqk,bkhd->bqhd', p, v, precision=_HI)
-    return self.o_proj(o.reshape(b, t, self.heads * self.head_dim))
+    return self._out(o)
+
+
+class TunixAttention(Attention):
+  """tunix's Llama3 / Qwen layout: Einsum projections with split head axes.
+
+  `q_proj` kernel `[embed, heads, head_dim]`, `o_proj` `[heads, head_dim,
+  embed]` (tunix's `q_proj.w` / `o_proj.w`; here `nnx.Einsum`, which has the
+  same geometry).
+  """
+
+  def __init__(self, cfg, rngs):  # pylint: disable=super-init-not-called
+    d, h, kv, hd = (cfg['hidden_size'], cfg['num_attention_heads'],
+                    cfg['num_key_value_heads'], cfg['head_dim'])
+    ein = lambda s, shape: nnx.Einsum(s, shape, precision=_HI, rngs=rngs)
+    self.q_proj = ein('BTD,DNH->BTNH', (d, h, hd))
+    self.k_proj = ein('BTD,DKH->BTKH', (d, kv, hd))
+    self.v_proj = ein('BTD,DKH->BTKH', (d, kv, hd))
+    self.o_proj = ein('BTNH,NHD->BTD', (h, hd, d))
+    self.heads, self.kv_heads, self.head_dim = h, kv, hd
+    self.theta = cfg['rope_theta']
+
+  def _project(self, x):
+    return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+
+  def _out(self, o):
+    return self.o_proj(o)
 
 
 class MLP(nnx.Module):
@@ -105,6 +139,70 @@ class DecoderLayer(nnx.Module):
   def __call__(self, x):
     x = x + self.self_attn(self.input_layernorm(x))
     return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TunixBlock(DecoderLayer):
+
+  def __init__(self, cfg, rngs):  # pylint: disable=super-init-not-called
+    eps = cfg['rms_norm_eps']
+    self.attn = TunixAttention(cfg, rngs)
+    self.mlp = MLP(cfg, rngs)
+    self.input_layernorm = RMSNorm(cfg['hidden_size'], eps, False)
+    self.post_attention_layernorm = RMSNorm(cfg['hidden_size'], eps, False)
+
+  def __call__(self, x):
+    x = x + self.attn(self.input_layernorm(x))
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TunixLlama(nnx.Module):
+  """The tiny Llama in tunix's Llama3 layout (`layers[i].attn.q_proj`...)."""
+
+  def __init__(self, cfg, rngs):
+    self.embedder = nnx.Embed(cfg['vocab_size'], cfg['hidden_size'],
+                              rngs=rngs)
+    self.layers = nnx.List([TunixBlock(cfg, rngs)
+                            for _ in range(cfg['num_hidden_layers'])])
+    self.final_norm = RMSNorm(cfg['hidden_size'], cfg['rms_norm_eps'], False)
+    self.lm_head = _linear(cfg['hidden_size'], cfg['vocab_size'], rngs)
+
+  def __call__(self, ids):
+    x = self.embedder(ids)
+    for layer in self.layers:
+      x = layer(x)
+    return self.lm_head(self.final_norm(x))
+
+
+def load_tunix_llama(weights=None) -> TunixLlama:
+  """The llama fixture in tunix's layout, with tunix's weight transforms.
+
+  `q/k/v_proj.weight` are transposed, then reshaped to `(embed, heads,
+  head_dim)`, `o_proj.weight` to `(heads, head_dim, embed)` (row-major), as
+  `tunix.models.llama3.params` does.
+  """
+  cfg = config('llama')
+  model = TunixLlama(cfg, nnx.Rngs(0))
+  weights = base_weights('llama') if weights is None else weights
+  d, h, kv, hd = (cfg['hidden_size'], cfg['num_attention_heads'],
+                  cfg['num_key_value_heads'], cfg['head_dim'])
+  shapes = {'q_proj': (d, h, hd), 'k_proj': (d, kv, hd),
+            'v_proj': (d, kv, hd), 'o_proj': (h, hd, d)}
+  model.embedder.embedding.set_value(
+      jnp.asarray(weights['model.embed_tokens.weight']))
+  model.final_norm.weight.set_value(jnp.asarray(weights['model.norm.weight']))
+  model.lm_head.kernel.set_value(jnp.asarray(weights['lm_head.weight'].T))
+  for i, layer in enumerate(model.layers):
+    pre = f'model.layers.{i}.'
+    for n, shape in shapes.items():
+      w = weights[pre + f'self_attn.{n}.weight'].T.reshape(shape)
+      getattr(layer.attn, n).kernel.set_value(jnp.asarray(w))
+    for n in ('gate_proj', 'up_proj', 'down_proj'):
+      getattr(layer.mlp, n).kernel.set_value(
+          jnp.asarray(weights[pre + f'mlp.{n}.weight'].T))
+    for n in ('input_layernorm', 'post_attention_layernorm'):
+      getattr(layer, n).weight.set_value(
+          jnp.asarray(weights[pre + f'{n}.weight']))
+  return model
 
 
 class Model(nnx.Module):

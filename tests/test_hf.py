@@ -603,6 +603,58 @@ def test_key_map_argument_errors():
     hf.load_adapter(_dir('llama_lora'), tiny.load_base('llama'), key_map='x')
 
 
+@pytest.mark.parametrize('name', ['llama_lora', 'llama_pattern'])
+def test_tunix_llama3_layout(name, tmp_path):
+  """Einsum projections with split head axes, tunix's names and reshapes."""
+  model = tiny.load_tunix_llama()
+  exp = tiny.expected(name)
+  hf.load_adapter(_dir(name), model, key_map=hf.TUNIX_LLAMA3)
+  attn = model.layers[0].attn
+  rank_q = 2 if name == 'llama_pattern' else 4
+  assert attn.q_proj.lora.a.shape == (64, rank_q)
+  assert attn.q_proj.lora.b.shape == (rank_q, 4, 16)  # [r, heads, head_dim]
+  assert attn.o_proj.lora.a.shape == (4, 16, 4)  # [heads, head_dim, r]
+  assert _max_diff(tiny.logits(model, exp['input_ids']), exp['logits']) < TOL
+  hf.save_adapter(tmp_path / 'out', model, key_map=hf.TUNIX_LLAMA3)
+  _assert_same_files(_dir(name), tmp_path / 'out')
+  with pytest.raises(ValueError, match='layers/0/self_attn/q_proj'):
+    hf.load_adapter(_dir(name), tiny.load_tunix_llama())  # default map
+
+
+def test_kernel_batch_axes_and_stacked_layers_are_refused(tmp_path):
+  d = tmp_path / 'a'
+  d.mkdir()
+  safetensors.numpy.save_file({
+      PREFIX + 'experts.lora_A.weight': np.ones((1, 3), np.float32),
+      PREFIX + 'experts.lora_B.weight': np.ones((5, 1), np.float32),
+      PREFIX + 'stack.lora_A.weight': np.ones((1, 3), np.float32),
+      PREFIX + 'stack.lora_B.weight': np.ones((4, 1), np.float32),
+  }, d / hf.ADAPTER_WEIGHTS)
+  (d / hf.ADAPTER_CONFIG).write_text(json.dumps(
+      {'peft_type': 'LORA', 'r': 1, 'lora_alpha': 1,
+       'target_modules': ['experts', 'stack']}))
+
+  class M(nnx.Module):
+
+    def __init__(self):
+      self.experts = nnx.Einsum('ebd,edf->ebf', (2, 3, 5), rngs=nnx.Rngs(0))
+
+      @nnx.vmap(in_axes=0, out_axes=0)
+      def make(key):
+        return nnx.Linear(3, 4, rngs=nnx.Rngs(key))
+
+      self.stack = make(jax.random.split(jax.random.key(0), 2))
+
+  model = M()
+  with pytest.raises(ValueError) as e:
+    hf.load_adapter(d, model)
+  assert 'batch axes' in str(e.value) and 'stacked by nnx.vmap' in str(e.value)
+  assert not any(hasattr(m, 'lora') for _, m in pnnx.select(model))
+  pnnx.apply_lora(model, rank=1, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='batch axes'):
+    hf.save_adapter(tmp_path / 'b', model)
+
+
 # ---------------------------------------------------------------------------
 # save errors
 # ---------------------------------------------------------------------------
