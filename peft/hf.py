@@ -970,7 +970,7 @@ def load_adapter(
     key_map: KeyMap | Rules | MapFn | None = None,
     strict: bool = True,
     rngs: nnx.Rngs | None = None,
-    fold_scale: bool = True,
+    fold_scale: bool | None = None,
 ):
   """Loads a Hugging Face PEFT LoRA adapter into an NNX model or params tree.
 
@@ -1001,10 +1001,11 @@ def load_adapter(
       errors).
     rngs: `nnx.Rngs` for the wrappers' initialisers (the values are
       overwritten; default `nnx.Rngs(0)`). NNX models only.
-    fold_scale: params trees only: multiply `b` by the module's scale
-      (`alpha / r`), so that the unscaled `LoRADense` and
-      `fuse_params(scale=1)` compute what PEFT computes. `False` copies the
-      factors bit for bit; then apply the scale yourself.
+    fold_scale: params trees only (an NNX wrapper keeps the scale in
+      `lora.scale`): `True` (the default) multiplies `b` by the module's
+      scale (`alpha / r`), so that the unscaled `LoRADense` and
+      `fuse_params(scale=1)` compute what PEFT computes; `False` copies the
+      factors bit for bit, and you apply the scale yourself.
 
   Returns:
     The NNX model (changed in place), or the new params tree.
@@ -1035,9 +1036,18 @@ def load_adapter(
     raise TypeError(f'strict must be a bool, got {strict!r}')
   km = _as_key_map(key_map, 'to_jax')
   if _is_nnx(model_or_params):
+    if fold_scale is not None:
+      raise ValueError(
+          'fold_scale= is for params trees; an NNX wrapper keeps the scale in'
+          ' lora.scale')
     return _load_nnx(directory, model_or_params, km, strict, rngs)
   if isinstance(model_or_params, Mapping):
-    return _load_tree(directory, model_or_params, km, strict, fold_scale)
+    if rngs is not None:
+      raise ValueError('rngs= is for NNX models; a params tree needs none')
+    fold = True if fold_scale is None else fold_scale
+    if not isinstance(fold, bool):
+      raise TypeError(f'fold_scale must be a bool, got {fold_scale!r}')
+    return _load_tree(directory, model_or_params, km, strict, fold)
   raise TypeError(
       'model_or_params must be an nnx.Module or a linen params dict, got'
       f' {type(model_or_params).__name__}'

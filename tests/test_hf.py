@@ -694,6 +694,12 @@ def test_load_argument_errors(tmp_path):
     hf.load_adapter(_dir('llama_lora'), 'model')
   with pytest.raises(TypeError, match='strict must be a bool'):
     hf.load_adapter(_dir('llama_lora'), tiny.load_base('llama'), strict=1)
+  with pytest.raises(ValueError, match='fold_scale= is for params trees'):
+    hf.load_adapter(_dir('llama_lora'), tiny.load_base('llama'),
+                    fold_scale=False)
+  with pytest.raises(ValueError, match='rngs= is for NNX models'):
+    hf.load_adapter(_dir('llama_lora'), _linen_params('llama'),
+                    rngs=nnx.Rngs(0))
 
 
 # ---------------------------------------------------------------------------
