@@ -13,6 +13,12 @@ Examples:
   (1, 4)
 """
 
+from peft.nnx.adapters import combine_adapters
+from peft.nnx.adapters import delete_adapter
+from peft.nnx.adapters import disable_adapters
+from peft.nnx.adapters import list_adapters
+from peft.nnx.adapters import set_active_adapters
+from peft.nnx.adapters import set_adapter_ids
 from peft.nnx.lora import LoRA
 from peft.nnx.lora import LoRAAdapter
 from peft.nnx.lora import LoRAEinsum
@@ -73,4 +79,10 @@ __all__ = [
     'lora_state',
     'summary',
     'ParamSummary',
+    'list_adapters',
+    'set_active_adapters',
+    'disable_adapters',
+    'delete_adapter',
+    'combine_adapters',
+    'set_adapter_ids',
 ]

@@ -65,6 +65,7 @@ from peft.nnx import graph
 from peft.nnx import lora as _lora
 from peft.nnx import quantized as _q
 from peft.nnx import registry
+from peft.nnx.adapter import scale_value
 from peft.nnx.graph import Path
 from peft.nnx.graph import replace
 from peft.nnx.selection import Selector
@@ -119,6 +120,7 @@ def apply_lora(
     rngs: nnx.Rngs | int | None = None,
     expected_count: int | None = None,
     dry_run: bool = False,
+    name: str | None = None,
     **kwargs: Any,
 ) -> Any:
   """Wraps the selected layers in LoRA wrappers, in place; returns the model.
@@ -161,13 +163,15 @@ def apply_lora(
     'LoRALinear'
   """
   pissa = kwargs.get('init') == 'pissa'
+  if name is None:  # no name: wrap unwrapped layers (the default adapter)
+    eligible = lambda t, kind: kind != 'lora'
+    reason = 'already have a LoRA adapter'
+  else:  # a named adapter: wrapped layers get one more
+    _lora.LoRA.check_name(name)
+    eligible = lambda t, kind: kind != 'lora' or name not in t.adapter_names
+    reason = f'already have an adapter named {name!r}'
   idx, selected = select_layers(
-      model,
-      where,
-      expected_count,
-      lambda t, kind: kind != 'lora',
-      'apply_lora',
-      'already have a LoRA adapter',
+      model, where, expected_count, eligible, 'apply_lora', reason,
       full=pissa,
   )
   if pissa:
@@ -183,7 +187,25 @@ def apply_lora(
         ' rngs=nnx.Rngs(0).'
     )
   rngs = _as_rngs(rngs)
-  _lora.scale_value(1, alpha)  # check alpha before building anything
+  scale_value(1, alpha)  # check alpha before building anything
+  if name is not None:
+    kwargs['name'] = name
+    wrapped = [t for t in selected if isinstance(t, _lora.LoRA)]
+    if wrapped:
+      extra = {k: v for k, v in kwargs.items() if k != 'name'}
+      if extra.get('init', 'default') != 'default':
+        raise ValueError(
+            'apply_lora: init=... applies to new wrappers only; a layer that'
+            ' already has adapters gets a default-initialised one')
+      extra.pop('init', None)
+      for t in wrapped:  # validate everything before the first change
+        if name in t.adapter_names:
+          raise ValueError(f'apply_lora: name {name!r} is already used')
+      for t in wrapped:
+        t.add_adapter(name, rank=rank, alpha=alpha, rngs=rngs, **extra)
+      selected = [t for t in selected if not isinstance(t, _lora.LoRA)]
+      if not selected:
+        return model
   groups: dict[Any, list[Any]] = {}
   order = []
   for layer in selected:
@@ -595,11 +617,12 @@ def _simulated_kernel(layer: Any) -> jax.Array:
   return fn()
 
 
-def lora_state(model: Any) -> nnx.State:
+def lora_state(model: Any, name: str | None = None) -> nnx.State:
   """The adapters' parameters only (`nnx.LoRAParam`), as an `nnx.State`.
 
   This is what to save after LoRA fine-tuning; restore with
-  `nnx.update(model, state)` on a model with the same adapters.
+  `nnx.update(model, state)` on a model with the same adapters. With `name`,
+  only that named adapter's parameters.
 
   Examples:
     >>> from flax import nnx
@@ -613,10 +636,30 @@ def lora_state(model: Any) -> nnx.State:
     raise TypeError(
         f'lora_state: model must be an nnx.Module, got {type(model).__name__}'
     )
-  state = nnx.state(model, nnx.LoRAParam)
+  if name is None:
+    state = nnx.state(model, nnx.LoRAParam)
+  else:
+    prefixes = _adapter_prefixes(model, name)
+    keep = lambda path, x: isinstance(x, nnx.LoRAParam) and any(
+        tuple(path[:len(p)]) == p for p in prefixes)
+    state = nnx.state(model, keep)
   if not jax.tree.leaves(state):
     raise ValueError(
         'lora_state: the model has no nnx.LoRAParam (no adapters); call'
         ' apply_lora(model, rank=..., rngs=...) first.'
     )
   return state
+
+
+def _adapter_prefixes(model, name: str) -> list[tuple]:
+  """State paths of adapter `name` in every wrapper (all paths to it)."""
+  idx = graph.index(model, kind_of, full=False)
+  prefixes = []
+  for t in idx.tops:
+    if isinstance(t, _lora.LoRA) and name in t.adapter_names:
+      rel = (('lora',) if name == t.adapter_names[0]
+             else ('adapters', name))
+      prefixes += [tuple(p) + rel for p in graph.all_paths(idx, id(t))]
+  if not prefixes:
+    raise ValueError(f'lora_state: no adapter named {name!r} in the model')
+  return prefixes
