@@ -640,10 +640,9 @@ def _lead_shape(layer, geometry):
     return ()
 
 
-def _check_geometry(mod, path, layer, errors) -> bool:
-  """Checks the adapter of `mod` fits `layer` before anything is wrapped."""
+def _check_geometry(mod, path, layer, lora, errors) -> bool:
+  """Checks `mod` fits `layer` (its adapter `lora`, if any) before wrapping."""
   g = _layer_geometry(layer)
-  lora = _lora_of(layer)
   if g is None:  # checked on the wrapper (after wrapping)
     return lora is None or _check_shapes(mod, path, lora.a.shape,
                                          lora.b.shape, errors)
@@ -655,7 +654,11 @@ def _check_geometry(mod, path, layer, errors) -> bool:
     return False
   if lora is not None:
     return _check_shapes(mod, path, lora.a.shape, lora.b.shape, errors)
-  lead = _lead_shape(layer, g)
+  if _lora_of(layer) is not None:  # a new named adapter on a wrapper
+    inner = _lora_of(layer)
+    lead = tuple(np.shape(inner.scale.get_value()))
+  else:
+    lead = _lead_shape(layer, g)
   if lead:
     errors.append(
         f'{path}: a layer stacked by nnx.vmap (leading axes {lead}); HF'
@@ -677,7 +680,17 @@ def _check_stacked(lora, path, errors) -> bool:
   return True
 
 
-def _load_nnx(directory, model, key_map, strict, rngs):
+def _adapter_of(layer, adapter_name):
+  """The adapter `adapter_name` (None: the first one) of a layer, or None."""
+  if adapter_name is None:
+    return _lora_of(layer)
+  names = getattr(layer, 'adapter_names', ())
+  if _lora_of(layer) is None or adapter_name not in names:
+    return None
+  return layer.adapter(adapter_name)
+
+
+def _load_nnx(directory, model, key_map, strict, rngs, adapter_name):
   config, modules, errors = _parse_adapter(directory, strict)
   layers = _nnx_layers(model)
   plan: dict[str, _Module] = {}
@@ -698,32 +711,35 @@ def _load_nnx(directory, model, key_map, strict, rngs):
     lora = _lora_of(layer)
     if lora is not None and not _check_stacked(lora, path, errors):
       continue
-    _check_geometry(mod, path, layer, errors)
+    _check_geometry(mod, path, layer, _adapter_of(layer, adapter_name),
+                    errors)
   _raise(errors, directory, f'the {type(model).__name__} model')
   if not plan:
     raise ValueError(f'the adapter {directory!r} maps to no layer of the model')
-  # Wrap the layers that have no adapter yet, one apply_lora per setting.
+  # Wrap the layers that have no such adapter yet, one apply_lora per setting
+  # (a named adapter on an already wrapped layer is added to its wrapper).
   from peft.nnx import surgery  # pylint: disable=g-import-not-at-top
   if rngs is None:
     rngs = nnx.Rngs(0)  # every factor is overwritten below
   groups = collections.defaultdict(list)
   for path, mod in plan.items():
-    if _lora_of(layers[path]) is None:
+    if _adapter_of(layers[path], adapter_name) is None:
       groups[(mod.rank, mod.alpha, mod.use_rslora)].append(path)
-  new_ids = set()
+  was_wrapped = {p for p in plan if _lora_of(layers[p]) is not None}
+  name_kw = {} if adapter_name is None else {'name': adapter_name}
+  done = []
   try:
     for (rank, alpha, use_rslora), paths in groups.items():
       wanted = set(paths)
       surgery.apply_lora(
           model, rank=rank, alpha=alpha, use_rslora=use_rslora, rngs=rngs,
           where=lambda p, m, wanted=wanted: '/'.join(map(str, p)) in wanted,
-          expected_count=len(paths))
-      wrapped = _nnx_layers(model)
-      new_ids.update(id(wrapped[p]) for p in paths)
+          expected_count=len(paths), **name_kw)
+      done.extend(paths)
     wrapped = _nnx_layers(model)
     errors = []
     for path, mod in plan.items():
-      lora = _lora_of(wrapped[path])
+      lora = _adapter_of(wrapped[path], adapter_name)
       if lora is None or not _check_stacked(lora, path, errors):
         if lora is None:
           errors.append(f'{path}: could not be wrapped with LoRA')
@@ -731,12 +747,17 @@ def _load_nnx(directory, model, key_map, strict, rngs):
       _check_shapes(mod, path, lora.a.shape, lora.b.shape, errors)
     _raise(errors, directory, f'the {type(model).__name__} model')
   except Exception:
-    if new_ids:  # undo: put the original layers back
-      surgery.replace(
-          model, lambda p, m: m.wrapped if id(m) in new_ids else m)
+    # Undo: new wrappers give their layer back, added adapters are removed.
+    now = _nnx_layers(model)
+    unwrap = {id(now[p]) for p in done if p not in was_wrapped}
+    for p in done:
+      if p in was_wrapped:
+        now[p].remove_adapter(adapter_name)
+    if unwrap:
+      surgery.replace(model, lambda p, m: m.wrapped if id(m) in unwrap else m)
     raise
   for path, mod in plan.items():
-    lora = _lora_of(wrapped[path])
+    lora = _adapter_of(wrapped[path], adapter_name)
     a, b = _factors_from_hf(mod.lora_a, mod.lora_b, lora.a.shape, lora.b.shape)
     lora.a.set_value(jnp.asarray(a))
     lora.b.set_value(jnp.asarray(b))
@@ -784,11 +805,11 @@ def _alpha_of(lora, rank: int, scale: float) -> tuple[float, bool]:
   return alpha, use_rslora
 
 
-def _collect_nnx(model, key_map):
+def _collect_nnx(model, key_map, adapter_name):
   out = []
   errors = []
   for path, layer in _nnx_layers(model).items():
-    lora = _lora_of(layer)
+    lora = _adapter_of(layer, adapter_name)
     if lora is None:
       continue
     if getattr(layer, 'init', None) == 'pissa':
@@ -971,6 +992,7 @@ def load_adapter(
     strict: bool = True,
     rngs: nnx.Rngs | None = None,
     fold_scale: bool | None = None,
+    adapter_name: str | None = None,
 ):
   """Loads a Hugging Face PEFT LoRA adapter into an NNX model or params tree.
 
@@ -1006,6 +1028,11 @@ def load_adapter(
       scale (`alpha / r`), so that the unscaled `LoRADense` and
       `fuse_params(scale=1)` compute what PEFT computes; `False` copies the
       factors bit for bit, and you apply the scale yourself.
+    adapter_name: NNX models only: load into the named adapter (see
+      `peft.nnx.apply_lora(name=...)`; a layer that is already wrapped gets
+      it as one more adapter, inactive until `set_active_adapters`); `None`
+      loads into each wrapper's first adapter (`layer.lora`), wrapping
+      unwrapped layers.
 
   Returns:
     The NNX model (changed in place), or the new params tree.
@@ -1040,10 +1067,13 @@ def load_adapter(
       raise ValueError(
           'fold_scale= is for params trees; an NNX wrapper keeps the scale in'
           ' lora.scale')
-    return _load_nnx(directory, model_or_params, km, strict, rngs)
+    return _load_nnx(directory, model_or_params, km, strict, rngs,
+                     adapter_name)
   if isinstance(model_or_params, Mapping):
-    if rngs is not None:
-      raise ValueError('rngs= is for NNX models; a params tree needs none')
+    if rngs is not None or adapter_name is not None:
+      raise ValueError(
+          'rngs= and adapter_name= are for NNX models; a params tree needs'
+          ' neither')
     fold = True if fold_scale is None else fold_scale
     if not isinstance(fold, bool):
       raise TypeError(f'fold_scale must be a bool, got {fold_scale!r}')
@@ -1106,6 +1136,7 @@ def save_adapter(
     alpha: float | None = None,
     use_rslora: bool = False,
     task_type: str | None = None,
+    adapter_name: str | None = None,
 ) -> None:
   """Writes a Hugging Face PEFT LoRA adapter (safetensors + config).
 
@@ -1134,6 +1165,8 @@ def save_adapter(
       scale (written as `lora_alpha = r`, scale 1).
     use_rslora: params trees only: `alpha` is used as `alpha / sqrt(r)`.
     task_type: the config's `task_type` (e.g. `'CAUSAL_LM'`); `None` is valid.
+    adapter_name: NNX models only: save the adapter of this name (layers
+      without it are left out); `None`: each wrapper's first adapter.
 
   Raises:
     ValueError: no LoRA adapter found, an unmappable path, a stacked layer, a
@@ -1160,9 +1193,11 @@ def save_adapter(
       raise ValueError(
           'alpha= and use_rslora= are for params trees; an NNX model\'s'
           ' adapters carry their own scale (set alpha in apply_lora)')
-    entries, errors = _collect_nnx(model_or_params, km)
+    entries, errors = _collect_nnx(model_or_params, km, adapter_name)
     what = f'the {type(model_or_params).__name__} model'
   elif isinstance(model_or_params, Mapping):
+    if adapter_name is not None:
+      raise ValueError('adapter_name= is for NNX models')
     entries, errors = _collect_tree(model_or_params, km, alpha, use_rslora)
     what = 'the params tree'
   else:

@@ -536,6 +536,65 @@ def test_loaded_model_trains_under_jit():
   assert len(leaves) == 28 and all(float(jnp.abs(g).sum()) > 0 for g in leaves)
 
 
+def test_named_adapters(tmp_path):
+  model = hf.load_adapter(_dir('llama_lora'), tiny.load_base('llama'))
+  hf.load_adapter(_dir('llama_pattern'), model, adapter_name='pattern')
+  q = model.model.layers[0].self_attn.q_proj
+  assert q.adapter_names == ('default', 'pattern') or len(q.adapter_names) == 2
+  assert q.adapter('pattern').a.shape == (64, 2) and q.lora.a.shape == (64, 4)
+  ids = tiny.expected('llama_lora')['input_ids']
+  for name, active in (('llama_lora', q.adapter_names[0]),
+                       ('llama_pattern', 'pattern')):
+    pnnx.set_active_adapters(model, active)
+    exp = tiny.expected(name)['logits']
+    assert _max_diff(tiny.logits(model, ids), exp) < TOL
+  hf.save_adapter(tmp_path / 'p', model, adapter_name='pattern')
+  _assert_same_files(_dir('llama_pattern'), tmp_path / 'p')
+  hf.save_adapter(tmp_path / 'd', model)
+  _assert_same_files(_dir('llama_lora'), tmp_path / 'd')
+  # A named adapter on unwrapped layers makes the wrappers with that name.
+  fresh = hf.load_adapter(_dir('llama_rslora'), tiny.load_base('llama'),
+                          adapter_name='rs')
+  assert fresh.model.layers[1].mlp.up_proj.adapter_names == ('rs',)
+  # A failing load removes the adapters it added and the wrappers it made.
+  bad = tmp_path / 'bad'
+  shutil.copytree(_dir('llama_pattern'), bad)
+  _edit_config(bad, target_modules=TARGETS_ALL + ['nowhere'])
+  with pytest.raises(ValueError, match='nowhere'):
+    hf.load_adapter(bad, model, adapter_name='again')
+  assert len(q.adapter_names) == 2
+
+
+@pytest.mark.parametrize('named', [False, True])
+def test_failure_while_wrapping_is_undone(monkeypatch, named):
+  from peft.nnx import surgery
+  real, calls = surgery.apply_lora, []
+
+  def flaky(*args, **kwargs):  # the 3rd group fails
+    calls.append(1)
+    if len(calls) == 3:
+      raise RuntimeError('boom')
+    return real(*args, **kwargs)
+
+  model = tiny.load_base('llama')
+  if named:
+    hf.load_adapter(_dir('llama_lora'), model)
+  before = {p: (type(m), getattr(m, 'adapter_names', None))
+            for p, m in pnnx.select(model)}
+  params = lambda m: jax.tree.map(
+      np.asarray, nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+  state = params(model)
+  monkeypatch.setattr(surgery, 'apply_lora', flaky)
+  with pytest.raises(RuntimeError, match='boom'):
+    hf.load_adapter(_dir('llama_pattern'), model,
+                    adapter_name='p' if named else None)
+  assert len(calls) == 3
+  after = {p: (type(m), getattr(m, 'adapter_names', None))
+           for p, m in pnnx.select(model)}
+  assert after == before
+  jax.tree.map(np.testing.assert_array_equal, params(model), state)
+
+
 # ---------------------------------------------------------------------------
 # key maps
 # ---------------------------------------------------------------------------
@@ -697,7 +756,7 @@ def test_load_argument_errors(tmp_path):
   with pytest.raises(ValueError, match='fold_scale= is for params trees'):
     hf.load_adapter(_dir('llama_lora'), tiny.load_base('llama'),
                     fold_scale=False)
-  with pytest.raises(ValueError, match='rngs= is for NNX models'):
+  with pytest.raises(ValueError, match='rngs= and adapter_name= are for NNX models'):
     hf.load_adapter(_dir('llama_lora'), _linen_params('llama'),
                     rngs=nnx.Rngs(0))
 
