@@ -519,6 +519,22 @@ def test_existing_wrappers_are_reused_or_refused():
     hf.load_adapter(_dir('llama_lora'), other)
 
 
+def test_adapter_on_a_quantized_base():
+  """QLoRA: the adapter wraps int8-quantized layers; factors as in the file."""
+  model = tiny.load_base('llama')
+  pnnx.quantize(model, method='int8', where=r'model/layers/\d+/mlp/.*')
+  hf.load_adapter(_dir('llama_lora'), model)
+  down = model.model.layers[1].mlp.down_proj
+  assert type(down.wrapped).__name__.startswith('Int4')
+  st = _tensors(_dir('llama_lora'))
+  key = PREFIX + 'model.layers.1.mlp.down_proj'
+  want = 2.0 * (st[key + '.lora_B.weight'] @ st[key + '.lora_A.weight']).T
+  np.testing.assert_allclose(np.asarray(down.delta()), want, atol=1e-6)
+  exp = tiny.expected('llama_lora')
+  # int8 weights: close to PEFT's float logits, not equal
+  assert _max_diff(tiny.logits(model, exp['input_ids']), exp['logits']) < 0.05
+
+
 def test_loaded_model_trains_under_jit():
   model = hf.load_adapter(_dir('llama_lora'), tiny.load_base('llama'))
   ids = jnp.asarray(tiny.expected('llama_lora')['input_ids'])
