@@ -68,7 +68,6 @@ import re
 import tempfile
 from typing import Any, Callable, Mapping, Sequence, Union
 
-import jax
 import jax.numpy as jnp
 import ml_dtypes  # noqa: F401  (registers bfloat16 etc. with numpy)
 import numpy as np

@@ -12,14 +12,15 @@ Run as a script, `python tests/test_hf.py DIR` writes adapters trained here
 import json
 import os
 import pathlib
+import re
 import shutil
 import sys
+import tempfile
 
 import hypothesis
 import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
@@ -84,7 +85,6 @@ def _module_settings(directory):
       rank = value.shape[0]
       alpha = cfg['lora_alpha']
       for pat, a in (cfg.get('alpha_pattern') or {}).items():
-        import re
         if re.match(rf'(.*\.)?({pat})$', name):
           alpha = a
           break
@@ -273,7 +273,6 @@ class _Two(nnx.Module):
     seed=st.integers(0, 2**16))
 def test_roundtrip_here_hf_here_is_exact(d_in, d_hidden, r1, r2, alpha,
                                          use_rslora, dtype, seed):
-  import tempfile
   model = _Two(d_in, d_hidden, dtype, nnx.Rngs(0))
   pnnx.apply_lora(model, rank=r1, alpha=alpha, use_rslora=use_rslora,
                   where='fc1', rngs=nnx.Rngs(seed))
