@@ -262,6 +262,7 @@ class LoRA(nnx.Module):
     self.adapter_weights = nnx.data(None)  # AdapterWeights [n], if routed
     self.adapter_ids = nnx.data(None)  # AdapterIds [batch], per example
     self.enabled = True
+    self.init = init  # 'pissa' changed the base kernel (exporters check it)
     if init == 'pissa':
       self._pissa_init(base.kernel)
     if not isinstance(dora, bool):
@@ -420,11 +421,14 @@ class LoRA(nnx.Module):
     else:
       del self.adapters[name]
     self.adapter_names = tuple(n for n in self.adapter_names if n != name)
+    self.adapter_ids = nnx.data(None)
     if len(self.adapter_names) == 1:
       self.adapters = nnx.data(None)
+      if weights[self.adapter_names[0]] == 1.0:  # back to the plain layout
+        self.adapter_weights = nnx.data(None)
+        return
     self.adapter_weights = AdapterWeights(jnp.asarray(
         [weights[n] for n in self.adapter_names], jnp.float32))
-    self.adapter_ids = nnx.data(None)
 
   def _weights_list(self) -> list[float]:
     if self.adapter_weights is None:

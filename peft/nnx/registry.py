@@ -20,7 +20,7 @@ Examples:
   ...     self.w = nnx.Param(jax.random.normal(rngs.params(), (din, dout)))
   ...   def __call__(self, x):
   ...     return x @ self.w[...]
-  >>> pnnx.register_layer(
+  >>> _ = pnnx.register_layer(
   ...     Proj, geometry=lambda m: Geometry.linear(*m.w.shape[-2:],
   ...                                              use_bias=False),
   ...     kernel='w', bias=None)

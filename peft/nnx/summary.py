@@ -2,8 +2,8 @@
 
 Examples:
   >>> from flax import nnx
-  >>> from peft.nnx.summary import summary
-  >>> summary(nnx.Linear(4, 4, rngs=nnx.Rngs(0))).total
+  >>> import peft.nnx as pnnx
+  >>> pnnx.summary(nnx.Linear(4, 4, rngs=nnx.Rngs(0))).total
   20
 """
 
@@ -123,9 +123,9 @@ def summary(model: Any) -> ParamSummary:
 
   Examples:
     >>> from flax import nnx
-    >>> from peft.nnx import summary as summary_lib
+    >>> import peft.nnx as pnnx
     >>> model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
-    >>> s = summary_lib.summary(model)
+    >>> s = pnnx.summary(model)
     >>> s.total, s.trainable, s.total_bytes
     (20, 0, 80)
   """
@@ -182,8 +182,8 @@ def param_counts(model: Any) -> ParamSummary:
 
   Examples:
     >>> from flax import nnx
-    >>> from peft.nnx import summary as summary_lib
-    >>> summary_lib.param_counts(nnx.Linear(2, 2, rngs=nnx.Rngs(0))).total
+    >>> import peft.nnx as pnnx
+    >>> pnnx.surgery.param_counts(nnx.Linear(2, 2, rngs=nnx.Rngs(0))).total
     6
   """
   return summary(model)
