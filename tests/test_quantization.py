@@ -546,7 +546,9 @@ def test_axis_to_reduce_validation():
 
 @pytest.mark.parametrize('method', [QM.SFP8, QM.NONE, 'sfp8'])
 def test_quantize_rejects_simulation_only_methods(method):
-  with pytest.raises(ValueError, match='int4, int8, fp8, q4_0 and q4_0_transpose'):
+  with pytest.raises(
+      ValueError, match='int4, int8, fp8, q4_0 and q4_0_transpose'
+  ):
     quant.quantize(jnp.ones((32, 4)), method)
 
 
