@@ -300,3 +300,211 @@ def test_restore_pytree_strict_errors(tmp_path):
   assert 'missing keys' in msg and 'params/Dense_1/kernel' in msg
   assert 'unexpected keys' in msg and 'params/Einsum_0/scale' in msg
   assert 'params/Dense_0/kernel: checkpoint int4[64, 32], model int4[64, 16]' in msg
+
+
+# --------------------------------------------------------------------------
+# Damaged files: a ValueError naming the file, the model untouched
+# --------------------------------------------------------------------------
+
+
+def _snapshot(model):
+  """Types of every node and every variable's value, to compare later."""
+  types = [(p, type(m).__name__) for p, m in nnx.iter_graph(model)]
+  state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  return types, state
+
+
+def _assert_untouched(model, snap):
+  types, state = _snapshot(model)
+  assert types == snap[0]
+  _assert_trees_bit_equal(state, snap[1])
+
+
+def _truncate(path, keep=0.5):
+  data = path.read_bytes()
+  path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize('name', [
+    'lora/array_metadatas/process_0', 'lora/_METADATA',
+    'lora/_CHECKPOINT_METADATA', 'adapter_config.json',
+])
+def test_damaged_file_is_a_value_error_naming_it_and_model_untouched(
+    tmp_path, name):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  _truncate(tmp_path / 'ad' / name)
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match='damaged or truncated') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert str(tmp_path / 'ad' / name) in str(e.value)
+  _assert_untouched(fresh, snap)
+
+
+def _data_files(root):
+  return sorted((p for p in root.rglob('*') if p.is_file()
+                 and p.parent.name == 'd'), key=lambda p: p.stat().st_size)
+
+
+def test_damaged_array_data_is_caught_before_the_model_is_touched(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  for f in _data_files(tmp_path / 'ad' / 'lora'):
+    data = bytearray(f.read_bytes())
+    for i in range(len(data) // 2, len(data)):
+      data[i] ^= 0x5A
+    f.write_bytes(bytes(data))
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match='damaged'):
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  _assert_untouched(fresh, snap)
+
+
+def test_arrays_are_checked_against_the_recorded_checksums(tmp_path):
+  model, base = _trained()
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert sorted(config['checksums']) == [
+      'layers/0/lora/a', 'layers/0/lora/b', 'layers/1/lora/a',
+      'layers/1/lora/b', 'proj/lora/a', 'proj/lora/b']
+  # Another adapter's arrays under this config: orbax reads them fine, the
+  # checksums do not match.
+  other, _ = _trained(alpha=2.0)
+  nnx.update(other, jax.tree.map(lambda v: v * 2,
+                                 nnx.state(other, nnx.LoRAParam)))
+  checkpoint.save_adapter(tmp_path / 'other', other)
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / 'ad' / 'lora')
+  shutil.copytree(tmp_path / 'other' / 'lora', tmp_path / 'ad' / 'lora')
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match='checksums') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert 'layers/0/lora/a' in str(e.value)
+  _assert_untouched(fresh, snap)
+
+
+@pytest.mark.parametrize('edit,match', [
+    (lambda c: c.update(layers='x'), 'layers'),
+    (lambda c: c['layers'][0].update(rank='4'), r'layers\[0\].rank'),
+    (lambda c: c['layers'][0].update(path=None), r'layers\[0\].path'),
+    (lambda c: c['layers'][0].update(scale='big'), 'scale'),
+    (lambda c: c['layers'][0].update(scale=[1.0, 2.0, 3.0]), 'scale'),
+    (lambda c: c.update(format_version='two'), 'format_version'),
+])
+def test_malformed_config_is_a_value_error_naming_the_file(tmp_path, edit,
+                                                           match):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  _edit_config(tmp_path / 'ad', edit)
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match=match) as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert 'adapter_config.json' in str(e.value)
+  _assert_untouched(fresh, snap)
+
+
+# --------------------------------------------------------------------------
+# LoRAScale: what was saved is what is loaded
+# --------------------------------------------------------------------------
+
+
+def test_changed_scale_is_saved_and_restored_per_layer(tmp_path):
+  model, base = _trained()
+  model.layers[0].lora.scale[...] = 7.0
+  model.proj.lora.scale[...] = -0.375
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert [t['scale'] for t in config['layers']] == [7.0, 2.0, -0.375]
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  assert float(loaded.layers[0].lora.scale[...]) == 7.0
+  assert float(loaded.layers[1].lora.scale[...]) == 2.0  # alpha / rank
+  assert float(loaded.proj.lora.scale[...]) == -0.375
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+
+
+def test_old_config_without_new_fields_still_loads(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+
+  def old(c):
+    for key in ('checksums', 'base_fingerprint'):
+      del c[key]
+    for t in c['layers']:
+      del t['scale']
+  _edit_config(tmp_path / 'ad', old)
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base),
+                                     strict=True)
+  assert not [w for w in caught
+              if issubclass(w.category, checkpoint.BaseMismatchWarning)]
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+
+
+# --------------------------------------------------------------------------
+# Base fingerprint
+# --------------------------------------------------------------------------
+
+
+def test_fingerprint_records_the_wrapped_layers(tmp_path):
+  model, _ = _trained(where='proj|layers/0')
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  fp = config['base_fingerprint']
+  assert [e['path'] for e in fp] == [['layers', 0, 'bias'],
+                                     ['layers', 0, 'kernel'],
+                                     ['proj', 'kernel']]  # Einsum: no bias
+  fp = fp[1:]
+  kernel = np.asarray(model.proj.wrapped.kernel[...], np.float64).ravel()
+  stride = max(1, kernel.size // 1024)
+  sample = kernel[::stride]
+  want = float(np.sum(sample * (1 + np.arange(sample.size) % 7)))
+  assert fp[1]['shape'] == [64, 2, 32] and fp[1]['dtype'] == 'float32'
+  np.testing.assert_allclose(fp[1]['checksum'], want, rtol=1e-12)
+
+
+def test_load_onto_another_base_warns_or_raises_with_strict(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  other = _Net(nnx.Rngs(5))  # same architecture, other weights
+  snap = _snapshot(other)
+  with pytest.raises(ValueError, match='differs from the base') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', other, strict=True)
+  assert 'layers/0/kernel: values differ' in str(e.value)
+  _assert_untouched(other, snap)
+  with pytest.warns(checkpoint.BaseMismatchWarning,
+                    match='layers/1/kernel: values differ'):
+    checkpoint.load_adapter(tmp_path / 'ad', other)
+  assert type(other.layers[0]).__name__ == 'LoRALinear'  # loaded anyway
+  # a single changed value in a sampled position is seen too
+  fresh = nnx.clone(base)
+  fresh.proj.kernel[...] = fresh.proj.kernel[...].at[0, 0, 0].add(1.0)
+  with pytest.raises(ValueError, match='proj/kernel: values differ'):
+    checkpoint.load_adapter(tmp_path / 'ad', fresh, strict=True)
+
+
+def test_load_onto_the_same_base_does_not_warn(tmp_path):
+  import warnings  # pylint: disable=g-import-not-at-top
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base), strict=True)
+  assert not [w for w in caught
+              if issubclass(w.category, checkpoint.BaseMismatchWarning)]
+
+
+def test_fingerprint_of_a_quantized_base(tmp_path):
+  model = _Net(nnx.Rngs(0))
+  surgery.quantize(model, method='int4')
+  base = nnx.clone(model)
+  surgery.apply_lora(model, rank=2, rngs=nnx.Rngs(1))
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base), strict=True)
+  other = surgery.quantize(_Net(nnx.Rngs(3)), method='int4')
+  with pytest.raises(ValueError, match='values differ'):
+    checkpoint.load_adapter(tmp_path / 'ad', other, strict=True)
