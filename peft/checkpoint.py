@@ -563,8 +563,13 @@ def _sample_checksum(x: Any) -> float | None:
 
 
 def _fingerprint(path: Path, layer: Any) -> list[dict[str, Any]]:
-  """Paths, shapes, dtypes and checksums of the params of a base layer."""
-  state = nnx.state(layer, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  """Paths, shapes, dtypes and checksums of the variables of a base layer."""
+  from peft.nnx.lora import LoRAScale  # pylint: disable=g-import-not-at-top
+
+  # Every variable of the base layer (float kernels and biases, quantized
+  # storage and scales), not the adapter's and not RNG state.
+  state = nnx.state(layer, nnx.Not(nnx.Any(nnx.LoRAParam, LoRAScale,
+                                           nnx.RngState)))
   out = []
   for sub, leaf in sorted(_flat(nnx.to_pure_dict(state)).items(),
                           key=lambda kv: _norm(kv[0])):
