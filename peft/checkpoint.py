@@ -1,13 +1,17 @@
 """Checkpoints with orbax: LoRA adapters alone, and whole (quantized) models.
 
-* `save_adapter(directory, model)` writes only the LoRA parameters
-  (`nnx.LoRAParam`) with orbax plus a small `adapter_config.json` (rank, alpha,
-  the wrapped layers' paths, the base layers' quantization method, the library
-  version). `load_adapter(directory, base_model)` re-applies the same surgery
+* `save_adapter(directory, model)` writes, atomically, only the LoRA
+  parameters (`nnx.LoRAParam`) with orbax plus a small `adapter_config.json`
+  (rank, alpha, each adapter's `LoRAScale`, the wrapped layers' paths, the
+  base layers' quantization method, sha256 checksums of the arrays, a
+  fingerprint of the base, the library version).
+  `load_adapter(directory, base_model)` re-applies the same surgery
   (`apply_lora` on exactly those paths) to a fresh base model and restores the
-  parameters strictly: missing or unexpected keys and shape/dtype mismatches
-  raise a `ValueError` that lists them; nothing is silently left at its fresh
-  initialisation.
+  parameters and scales strictly, after reading and checking everything:
+  damaged files, checksum mismatches, missing or unexpected keys and
+  shape/dtype mismatches raise a `ValueError` (naming the file or listing the
+  keys) and leave the model untouched; a base that differs from the recorded
+  fingerprint gives a `BaseMismatchWarning` (`strict=True`: `ValueError`).
 * `save_model` / `restore_model`: the full `nnx.State` of a model (float,
   LoRA-wrapped or quantized: int4 values and Q4_0 blocks restore bit-exact)
   restored into an abstract model (`nnx.eval_shape`).
@@ -553,8 +557,7 @@ def _sample_checksum(x: Any) -> float | None:
   if isinstance(x, jax.core.Tracer):
     return None
   if isinstance(x, jax.Array) and not (
-      x.is_fully_addressable
-      and all(d.platform == 'cpu' for d in x.devices())
+      len(x.devices()) == 1 and next(iter(x.devices())).platform == 'cpu'
   ):
     # Sample on the device: only ~1024 values travel to the host.
     sample = np.asarray(jax.device_get(jax.numpy.ravel(x)[::stride]))

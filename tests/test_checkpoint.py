@@ -698,3 +698,36 @@ def test_save_adapter_survives_sigkill_at_random_moments(tmp_path):
   assert lost == 0, errors
   assert whole == kills
   assert newer > 0  # the savers did get adapters written
+
+
+class _Stack(nnx.Module):
+  """Three Linear layers stacked by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(8, 8, rngs=rngs)
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, layer):
+      return layer(x)
+    return body(x, self.layers)
+
+
+def test_stacked_layers_keep_one_saved_scale_per_slice(tmp_path):
+  model = _Stack(nnx.Rngs(0))
+  base = nnx.clone(model)
+  surgery.apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  model.layers.lora.scale[...] = jnp.array([1.0, 5.0, -2.0])
+  model.layers.lora.b[...] = jnp.ones_like(model.layers.lora.b[...])
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert config['layers'][0]['scale'] == [1.0, 5.0, -2.0]
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base),
+                                   strict=True)
+  np.testing.assert_array_equal(np.asarray(loaded.layers.lora.scale[...]),
+                                [1.0, 5.0, -2.0])
+  x = jnp.ones((2, 8))
+  np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
