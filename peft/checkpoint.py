@@ -37,13 +37,13 @@ fresh = checkpoint.load_adapter('/tmp/run/adapter', make_base_model())
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
 import json
 import os
-import hashlib
 import shutil
-import tempfile
 from typing import Any, Sequence
+import uuid
 import warnings
 
 import jax
@@ -210,8 +210,6 @@ def _guarded(directory: str, fn: Any) -> Any:
   _check_orbax_files(directory)
   try:
     return fn()
-  except ValueError:
-    raise
   except Exception as e:  # pylint: disable=broad-except
     raise ValueError(
         f'directory: cannot read the orbax checkpoint {directory}'
@@ -255,8 +253,15 @@ def _leftovers(directory: str, kind: str) -> list[str]:
     entries = os.listdir(parent or '.')
   except FileNotFoundError:
     return []
-  found = [os.path.join(parent, e) for e in entries if e.startswith(prefix)]
-  return sorted(found, key=lambda p: (os.path.getmtime(p), p), reverse=True)
+  found = []
+  for entry in entries:
+    if entry.startswith(prefix):
+      path = os.path.join(parent, entry)
+      try:
+        found.append((os.path.getmtime(path), path))
+      except OSError:  # removed meanwhile
+        pass
+  return [path for _, path in sorted(found, reverse=True)]
 
 
 def _resolve(directory: str) -> str:
@@ -323,9 +328,8 @@ def _swap_in(staging: str, directory: str) -> None:
   parent = os.path.dirname(directory)
   _fsync_dir(staging)
   if os.path.exists(directory):
-    aside = tempfile.mkdtemp(
-        prefix=f'.{os.path.basename(directory)}.peft-old-', dir=parent)
-    os.rmdir(aside)  # only its unique name is needed
+    aside = os.path.join(
+        parent, f'.{os.path.basename(directory)}.peft-old-{uuid.uuid4().hex}')
     os.rename(directory, aside)
     os.rename(staging, directory)
     _fsync_dir(parent)
@@ -336,10 +340,11 @@ def _swap_in(staging: str, directory: str) -> None:
 
 
 def _staging(directory: str) -> str:
+  """A fresh, not yet existing path beside `directory` to write into."""
   parent = os.path.dirname(directory)
   os.makedirs(parent or '.', exist_ok=True)
-  return tempfile.mkdtemp(
-      prefix=f'.{os.path.basename(directory)}.peft-new-', dir=parent)
+  return os.path.join(
+      parent, f'.{os.path.basename(directory)}.peft-new-{uuid.uuid4().hex}')
 
 
 def _orbax_save(directory: str, tree: Any) -> None:
@@ -357,8 +362,7 @@ def _write(directory: str, tree: Any, overwrite: bool) -> None:
     )
   staging = _staging(directory)
   try:
-    os.rmdir(staging)  # orbax creates the directory itself
-    _orbax_save(staging, tree)
+    _orbax_save(staging, tree)  # orbax creates the directory itself
     _swap_in(staging, directory)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
@@ -745,6 +749,7 @@ def save_adapter(
     raise ValueError(f'directory: {directory} exists and is not a directory')
   staging = _staging(directory)
   try:
+    os.makedirs(staging)
     _orbax_save(os.path.join(staging, ADAPTER_PARAMS), state)
     if os.path.isdir(directory):  # keep the user's other files
       _carry(directory, staging, (ADAPTER_PARAMS, ADAPTER_CONFIG))
