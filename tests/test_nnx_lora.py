@@ -457,38 +457,41 @@ def test_dropout_on_adapter_input():
   np.testing.assert_allclose(m(x), exp, rtol=2e-5, atol=2e-5)
 
 
-class _FakeQuantLinear(nnx.Module):
-  """Stands in for a quantized layer: no float kernel, `kernel_shape` only."""
-  _peft_kind = 'linear'
+class _CustomLinear(nnx.Module):
+  """A layer of the user's own: kernel `q`, no bias, registered below."""
 
   def __init__(self, kernel):
-    self.in_features, self.out_features = kernel.shape
-    self.kernel_shape = kernel.shape
-    self.q = nnx.Variable(kernel)
+    self.q = nnx.Param(kernel)
 
   def __call__(self, x):
     return x @ self.q[...]
 
 
-def test_duck_typed_quantized_layer():
+def test_registered_custom_layer():
+  from peft.geometry import Geometry
+  from peft.nnx import registry
+  registry.register_layer(
+      _CustomLinear, geometry=lambda m: Geometry.linear(
+          *m.q.shape[-2:], use_bias=False), kernel='q', bias=None)
   k = _rand(0, (6, 5))
-  m = L.LoRALinear(_FakeQuantLinear(k), rank=2, a_init=_np_init,
-                   rngs=nnx.Rngs(1))
+  m = L.LoRA(_CustomLinear(k), rank=2, a_init=_np_init, rngs=nnx.Rngs(1))
   assert m.lora.a.shape == (6, 2) and m.lora.a.dtype == jnp.float32
   m.lora.b[...] = _rand(1, (2, 5))
   x = _rand(2, (3, 6))
   exp = _lin_ref(x, k, 0.0, m.lora.a[...], m.lora.b[...], 1.0)
   np.testing.assert_allclose(m(x), exp, rtol=2e-5, atol=2e-5)
-  with pytest.raises(ValueError, match='pissa'):
-    L.LoRALinear(_FakeQuantLinear(k), rank=2, init='pissa', rngs=nnx.Rngs(1))
+  with pytest.raises(TypeError, match='use peft.nnx.LoRA instead'):
+    L.LoRALinear(_CustomLinear(k), rank=2, rngs=nnx.Rngs(1))
 
 
-@pytest.mark.parametrize('rank', [0, -1, 1.5, True, None])
-def test_bad_rank(rank):
+@pytest.mark.parametrize('rank,error', [
+    (0, ValueError), (-1, ValueError),
+    (1.5, TypeError), (True, TypeError), (None, TypeError)])
+def test_bad_rank(rank, error):
   base = nnx.Linear(4, 5, rngs=nnx.Rngs(0), **_kw())
-  with pytest.raises(ValueError, match='rank'):
+  with pytest.raises(error, match='rank'):
     L.LoRALinear(base, rank=rank, rngs=nnx.Rngs(1))
-  with pytest.raises(ValueError, match='rank'):
+  with pytest.raises(error, match='rank'):
     L.LoRAEinsumAdapter('bi,io->bo', (4, 5), rank=rank, rngs=nnx.Rngs(1))
 
 

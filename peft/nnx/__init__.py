@@ -13,6 +13,14 @@ Examples:
   (1, 4)
 """
 
+from peft.nnx.adapters import combine_adapters
+from peft.nnx.adapters import delete_adapter
+from peft.nnx.adapters import disable_adapters
+from peft.nnx.adapters import list_adapters
+from peft.nnx.adapters import set_active_adapters
+from peft.nnx.adapters import set_adapter_ids
+from peft.nnx.lora import LoRA
+from peft.nnx.lora import LoRAAdapter
 from peft.nnx.lora import LoRAEinsum
 from peft.nnx.lora import LoRAEinsumAdapter
 from peft.nnx.lora import LoRALinear
@@ -24,9 +32,13 @@ from peft.nnx.quantized import Int4Einsum
 from peft.nnx.quantized import Int4Linear
 from peft.nnx.quantized import Int4LinearGeneral
 from peft.nnx.quantized import QuantizedWeight
+from peft.nnx.quantized import QuantizedLayer
+from peft.nnx.quantized import SimulateQuantized
 from peft.nnx.quantized import SimulateQuantizedEinsum
 from peft.nnx.quantized import SimulateQuantizedLinear
 from peft.nnx.quantized import SimulateQuantizedLinearGeneral
+from peft.nnx.registry import LayerType
+from peft.nnx.registry import register_layer
 from peft.nnx.surgery import ParamSummary
 from peft.nnx.surgery import apply_lora
 from peft.nnx.surgery import lora_state
@@ -38,6 +50,12 @@ from peft.nnx.surgery import simulate_quantization
 from peft.nnx.surgery import summary
 
 __all__ = [
+    'LoRA',
+    'LoRAAdapter',
+    'SimulateQuantized',
+    'QuantizedLayer',
+    'register_layer',
+    'LayerType',
     'LoRALinear',
     'LoRAEinsum',
     'LoRALinearGeneral',
@@ -61,4 +79,10 @@ __all__ = [
     'lora_state',
     'summary',
     'ParamSummary',
+    'list_adapters',
+    'set_active_adapters',
+    'disable_adapters',
+    'delete_adapter',
+    'combine_adapters',
+    'set_adapter_ids',
 ]

@@ -1,15 +1,14 @@
-"""LoRA adapters and wrappers for nnx.Linear, nnx.Einsum, nnx.LinearGeneral.
+"""LoRA around any registered NNX layer: one wrapper class.
 
 A wrapper keeps the layer it wraps untouched and adds a low-rank update:
 
-    output = wrapped(x) + scale * (x @ a @ b)
+    output = wrapped(x) + scale * einsum(x, a, b)
 
-where the product is taken in the wrapped layer's geometry (the contracted
-axes of the kernel go to `a`, its output axes to `b`, batch/expert axes of the
-kernel stay on both). `a` and `b` are flax's own `nnx.LoRAParam`, so
-`nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)` trains only them; `scale` is a
-`LoRAScale` variable (data, not a static attribute), so changing it does not
-retrace a jitted function.
+in the wrapped layer's geometry (`peft.geometry.Geometry`), computed by a
+`peft.nnx.adapter.LoRAAdapter` held as `wrapper.lora`. `LoRA` works for every
+layer type of `peft.nnx.registry`; `LoRALinear`, `LoRAEinsum` and
+`LoRALinearGeneral` are `LoRA` with the wrapped type checked. The adapter
+classes are re-exported here.
 
 Examples:
   >>> import jax.numpy as jnp
@@ -25,752 +24,520 @@ Examples:
 
 from __future__ import annotations
 
-import math
-import string
 import typing as tp
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from flax.nnx.nn import dtypes as _flax_dtypes
 
-from peft import einsum as _einsum
+from peft.geometry import Geometry
+from peft.nnx import quantized as _q
+from peft.nnx import registry
+from peft.nnx.adapter import _DEFAULT_A_INIT
+from peft.nnx.adapter import _DEFAULT_B_INIT
+from peft.nnx.adapter import Initializer
+from peft.nnx.adapter import LoRAAdapter
+from peft.nnx.adapter import LoRAEinsumAdapter
+from peft.nnx.adapter import LoRALinearAdapter
+from peft.nnx.adapter import LoRALinearGeneralAdapter
+from peft.nnx.adapter import LoRAScale
 
 __all__ = [
     'LoRAScale',
+    'LoRAAdapter',
+    'LoRA',
     'LoRALinearAdapter',
     'LoRAEinsumAdapter',
     'LoRALinearGeneralAdapter',
     'LoRALinear',
     'LoRAEinsum',
     'LoRALinearGeneral',
+    'wrapper_class',
+    'AdapterWeights',
+    'AdapterIds',
+    'DEFAULT_NAME',
 ]
-
-Initializer = tp.Callable[..., jax.Array]
-
-_DEFAULT_A_INIT: Initializer = nnx.initializers.he_uniform()
-_DEFAULT_B_INIT: Initializer = nnx.initializers.zeros
 
 _INITS = ('default', 'pissa')
 
+#: The name of the adapter `apply_lora` creates when no name is given.
+DEFAULT_NAME = 'default'
 
-class LoRAScale(nnx.Variable):
-  """Non-trainable float32 scalar multiplying the LoRA product (alpha / rank).
 
-  It is data, not a static attribute: assigning a new value does not retrace a
-  jitted function, and `nnx.LoRAParam` / `nnx.Param` filters never select it.
+class AdapterWeights(nnx.Variable):
+  """Weights of a layer's named adapters in its output (not trainable).
 
   Examples:
     >>> import jax.numpy as jnp
-    >>> s = LoRAScale(jnp.float32(0.5))
-    >>> s[...] = 0.25
-    >>> float(s[...])
-    0.25
+    >>> AdapterWeights(jnp.array([1.0, 0.0])).shape
+    (2,)
   """
 
 
-# ---------------------------------------------------------------------------
-# argument checks and small helpers
-# ---------------------------------------------------------------------------
+class AdapterIds(nnx.Variable):
+  """Per-example adapter index of a layer (-1: no adapter; not trainable).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> AdapterIds(jnp.array([0, -1, 1])).shape
+    (3,)
+  """
 
 
-def _check_rank(rank) -> int:
-  if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)):
+def _check_name(name) -> None:
+  if not isinstance(name, str) or not name:
+    raise TypeError(f'name must be a non-empty str, got {name!r}')
+  if not name.isidentifier():
     raise ValueError(
-        f'rank must be a positive int, got rank={rank!r}; pass e.g. rank=8'
+        f'name={name!r} must be a Python identifier (it is a key in the'
+        ' model state), e.g. name=\'task_a\''
     )
-  if rank <= 0:
-    raise ValueError(
-        f'rank must be a positive int, got rank={rank!r}; pass e.g. rank=8'
-    )
-  return int(rank)
 
 
-def _scale_value(rank: int, alpha, use_rslora: bool) -> float:
-  if alpha is None:
-    return 1.0
-  try:
-    if isinstance(alpha, (bool, str)):
-      raise TypeError
-    alpha = float(alpha)
-  except TypeError:
+# ---------------------------------------------------------------------------
+# the wrapper
+# ---------------------------------------------------------------------------
+
+
+class _Base(tp.NamedTuple):
+  """What the wrapper needs to know about the layer it wraps."""
+
+  geometry: Geometry
+  kernel_shape: tuple[int, ...]  # with stacking axes
+  dtype: tp.Any
+  names: tuple | None  # kernel sharding names
+  meta: dict  # mesh / sharding rules for the factors
+  kernel: nnx.Variable | None  # the float kernel variable, if any
+
+
+def _float_kernel(layer) -> nnx.Variable | None:
+  entry = registry.layer_type(layer)
+  if entry is None:
+    return None
+  var = getattr(layer, entry.kernel, None)
+  return var if isinstance(var, nnx.Variable) else None
+
+
+def _sharding_meta(var: nnx.Variable) -> tuple[tuple | None, dict]:
+  meta = var.get_metadata()
+  names = meta.get('out_sharding') or meta.get('kernel_sharding') or None
+  extra = {}
+  if names is not None:
+    mesh = meta.get('mesh')
+    sharding = getattr(var.get_value(), 'sharding', None)
+    if mesh is None and isinstance(sharding, jax.sharding.NamedSharding):
+      mesh = sharding.mesh
+    extra = {'mesh': mesh, 'sharding_rules': meta.get('sharding_rules')}
+  return (None if names is None else tuple(names)), extra
+
+
+def _describe_base(wrapped, geometry: Geometry | None) -> _Base:
+  """Geometry, kernel shape/dtype and sharding of the layer to wrap."""
+  if isinstance(wrapped, LoRA):
     raise TypeError(
-        f'alpha must be a real number or None, got {type(alpha).__name__}'
-    ) from None
-  if not math.isfinite(alpha):
-    raise ValueError(f'alpha must be finite, got alpha={alpha!r}')
-  denom = math.sqrt(rank) if use_rslora else float(rank)
-  return float(alpha) / denom
-
-
-def _as_tuple(x) -> tuple[int, ...]:
-  if isinstance(x, (int, np.integer)):
-    return (int(x),)
-  return tuple(int(d) for d in x)
-
-
-def _check_leading_shape(leading_shape) -> tuple[int, ...]:
-  try:
-    shape = tuple(int(d) for d in leading_shape)
-  except TypeError:
-    raise TypeError(
-        'leading_shape must be a tuple of ints (the stacking axes added by'
-        f' nnx.vmap), got {leading_shape!r}'
-    ) from None
-  if any(d <= 0 for d in shape):
-    raise ValueError(
-        f'leading_shape={shape} must hold positive sizes'
+        f'{type(wrapped).__name__} already has a LoRA adapter; wrap its base'
+        ' layer (`.wrapped`) instead, or merge it first (merge_lora)'
     )
-  return shape
-
-
-def _init_factor(init, key, lead, fan, rank_first, rank, dtype):
-  """Runs a 2-D initializer once per stacked/batch slice and reshapes.
-
-  The initializer sees `(fan, rank)` (for `a`) or `(rank, fan)` (for `b`), so
-  fan-in based schemes such as he_uniform use the size of one slice only.
-  """
-  shape2 = (rank, fan) if rank_first else (fan, rank)
-  n = int(np.prod(lead, dtype=np.int64)) if lead else 1
-  if n == 1:
-    value = init(key, shape2, dtype)
-    value = jnp.reshape(value, (1,) * len(lead) + shape2) if lead else value
-    return jnp.asarray(value)
-  keys = jax.random.split(key, n)
-  value = jax.vmap(lambda k: init(k, shape2, dtype))(keys)
-  return jnp.reshape(value, (*lead, *shape2))
-
-
-_POOL = ''.join(c for c in string.ascii_letters if c != 'r')
-
-
-class _Geometry(tp.NamedTuple):
-  """Per-layer (unstacked) einsum subscripts of kernel, a and b."""
-
-  kernel: str
-  a: str
-  b: str
-  batch: str
-  reduced: str
-  out: str
-  kernel_shape: tuple[int, ...]
-
-
-def _make_factor_param(value, names, meta):
-  if names is None:
-    return nnx.LoRAParam(value)
-  kwargs = dict(meta)
-  kwargs['out_sharding'] = tuple(names)
-  if kwargs.get('mesh') is None:
-    kwargs.pop('mesh', None)
-    if jax.sharding.get_abstract_mesh().empty:
-      mesh = _mesh_of(meta.get('_value'))
-      if mesh is not None:
-        kwargs['mesh'] = mesh
-      else:
-        # Nothing to place the array on: keep the names as metadata only.
-        kwargs['eager_sharding'] = False
-  kwargs.pop('_value', None)
-  return nnx.LoRAParam(value, **kwargs)
-
-
-def _mesh_of(value):
-  sharding = getattr(value, 'sharding', None)
-  if isinstance(sharding, jax.sharding.NamedSharding):
-    return sharding.mesh
-  return None
-
-
-class _AdapterBase(nnx.Module):
-  """Shared state and math of the three adapters (private)."""
-
-  def __treescope_repr__(self, path, subtree_renderer):
-    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
-    return visual.adapter_treescope_repr(self, path, subtree_renderer)
-
-  def _setup(
-      self,
-      geometry: _Geometry,
-      *,
-      rank,
-      alpha,
-      use_rslora,
-      leading_shape,
-      a_init,
-      b_init,
-      dtype,
-      param_dtype,
-      precision,
-      dropout,
-      kernel_sharding,
-      sharding_meta,
-      rngs,
-  ):
-    rank = _check_rank(rank)
-    if not isinstance(rngs, nnx.Rngs):
-      raise TypeError(
-          f'rngs must be an nnx.Rngs, got {type(rngs).__name__}; pass'
-          ' rngs=nnx.Rngs(0)'
-      )
-    if not 0.0 <= float(dropout) < 1.0:
-      raise ValueError(f'dropout must be in [0, 1), got dropout={dropout!r}')
-    leading_shape = _check_leading_shape(leading_shape)
-    if dropout and leading_shape:
-      raise ValueError(
-          f'dropout={dropout} is not supported on layers stacked by nnx.vmap'
-          f' (leading_shape={leading_shape}); its rng state has no stacking'
-          ' axis. Wrap inside the vmapped constructor instead, or use'
-          ' dropout=0'
-      )
-    self.rank = rank
-    self.alpha = alpha
-    self.use_rslora = bool(use_rslora)
-    self.leading_shape = leading_shape
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self._geometry = geometry
-    size = dict(zip(geometry.kernel, geometry.kernel_shape))
-    batch_shape = tuple(size[c] for c in geometry.batch)
-    fan_in = int(np.prod([size[c] for c in geometry.reduced], dtype=np.int64))
-    fan_out = int(np.prod([size[c] for c in geometry.out], dtype=np.int64))
-    lead = leading_shape + batch_shape
-    a = _init_factor(a_init, rngs.params(), lead, fan_in, False, rank,
-                     param_dtype)
-    b = _init_factor(b_init, rngs.params(), lead, fan_out, True, rank,
-                     param_dtype)
-    a = jnp.reshape(a, (*lead, *(size[c] for c in geometry.reduced), rank))
-    b = jnp.reshape(b, (*lead, rank, *(size[c] for c in geometry.out)))
-    a_names = b_names = None
-    if kernel_sharding is not None:
-      names = tuple(kernel_sharding)
-      nk = len(geometry.kernel)
-      if len(names) == nk:
-        names = (None,) * len(leading_shape) + names
-      elif len(names) != nk + len(leading_shape):
-        raise ValueError(
-            f'the wrapped kernel sharding names {names} do not match its'
-            f' {nk + len(leading_shape)} axes'
-        )
-      lead_names = names[: len(leading_shape)]
-      by_letter = dict(zip(geometry.kernel, names[len(leading_shape):]))
-      a_names = lead_names + tuple(by_letter[c] for c in geometry.a[:-1])
-      a_names += (None,)
-      b_names = lead_names + tuple(by_letter[c] for c in geometry.batch)
-      b_names += (None,) + tuple(by_letter[c] for c in geometry.out)
-    meta = dict(sharding_meta or {})
-    self.a = _make_factor_param(a, a_names, meta)
-    self.b = _make_factor_param(b, b_names, meta)
-    # One scale per stacked slice, so nnx.scan / nnx.vmap can slice it.
-    self.scale = LoRAScale(
-        jnp.full(leading_shape, _scale_value(rank, alpha, use_rslora),
-                 jnp.float32)
-    )
-    if dropout:
-      self.dropout = nnx.Dropout(float(dropout), rngs=rngs)
-    else:
-      self.dropout = nnx.data(None)
-
-  # -- math ------------------------------------------------------------------
-
-  def delta(self) -> jax.Array:
-    """`scale * (a @ b)` shaped like the wrapped kernel, in float32."""
-    g = self._geometry
-    a = jnp.asarray(self.a[...], jnp.float32)
-    b = jnp.asarray(self.b[...], jnp.float32)
-    d = jnp.einsum(
-        f'...{g.a},...{g.b}->...{g.kernel}', a, b,
-        precision=jax.lax.Precision.HIGHEST,
-    )
-    scale = jnp.asarray(self.scale[...], jnp.float32)
-    return d * jnp.reshape(scale, scale.shape + (1,) * len(g.kernel))
-
-  def _factors(self, x):
-    g = self._geometry
-    a = self.a[...]
-    if a.ndim != len(g.a):
-      raise ValueError(
-          f'{type(self).__name__}: a has shape {a.shape} with stacking axes'
-          f' {a.shape[: a.ndim - len(g.a)]}; call a layer stacked by'
-          ' nnx.vmap inside nnx.scan / nnx.vmap over the stacking axis'
-      )
-    if self.dropout is not None:
-      x = self.dropout(x)
-    x, a, b = _flax_dtypes.promote_dtype(
-        (x, a, self.b[...]), dtype=self.dtype
-    )
-    return x, a, b, self.scale[...].astype(x.dtype)
-
-
-def _linear_geometry(in_features: int, out_features: int) -> _Geometry:
-  return _Geometry('io', 'ir', 'ro', '', 'i', 'o',
-                   (int(in_features), int(out_features)))
-
-
-class LoRALinearAdapter(_AdapterBase):
-  """The LoRA branch of an `nnx.Linear`: `scale * (x @ a @ b)` only.
-
-  `a` has shape `(*leading_shape, in_features, rank)` and `b`
-  `(*leading_shape, rank, out_features)`; `leading_shape` holds stacking axes
-  added by `nnx.vmap` (call the adapter per slice, e.g. inside `nnx.scan`).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> ad = LoRALinearAdapter(3, 4, rank=2, rngs=nnx.Rngs(0))
-    >>> ad(jnp.ones((5, 3))).shape, ad.delta().shape
-    ((5, 4), (3, 4))
-
-  Args:
-    in_features: input size.
-    out_features: output size.
-    rank: LoRA rank, a positive int.
-    alpha: output scale numerator; `scale = alpha / rank` (`alpha / sqrt(rank)`
-      with `use_rslora=True`); `None` means `scale = 1`.
-    use_rslora: use rank-stabilised scaling `alpha / sqrt(rank)`.
-    leading_shape: stacking axes prepended to `a` and `b`.
-    a_init: initializer of `a`, called with the 2-D shape `(in, rank)` of one
-      slice (default kaiming/he uniform, fan_in = in_features).
-    b_init: initializer of `b`, shape `(rank, out)` per slice (default zeros).
-    dtype: compute dtype (default: promote input and params).
-    param_dtype: storage dtype of `a` and `b`.
-    precision: matmul precision.
-    dropout: dropout rate on the adapter input (0 = none).
-    kernel_sharding: sharding names of the kernel `(*leading, in, out)`; `a`
-      gets `(*leading, in, None)` and `b` `(*leading, None, out)`.
-    sharding_meta: extra metadata for the LoRA params (e.g. `mesh`).
-    rngs: `nnx.Rngs` for the initializers (and dropout).
-  """
-
-  def __init__(
-      self,
-      in_features: int,
-      out_features: int,
-      *,
-      rank: int,
-      alpha: float | None = None,
-      use_rslora: bool = False,
-      leading_shape: tp.Sequence[int] = (),
-      a_init: Initializer = _DEFAULT_A_INIT,
-      b_init: Initializer = _DEFAULT_B_INIT,
-      dtype=None,
-      param_dtype=jnp.float32,
-      precision=None,
-      dropout: float = 0.0,
-      kernel_sharding: tp.Sequence[str | None] | None = None,
-      sharding_meta: tp.Mapping[str, tp.Any] | None = None,
-      rngs: nnx.Rngs,
-  ):
-    self.in_features = int(in_features)
-    self.out_features = int(out_features)
-    self._setup(
-        _linear_geometry(in_features, out_features), rank=rank, alpha=alpha,
-        use_rslora=use_rslora, leading_shape=leading_shape, a_init=a_init,
-        b_init=b_init, dtype=dtype, param_dtype=param_dtype,
-        precision=precision, dropout=dropout,
-        kernel_sharding=kernel_sharding, sharding_meta=sharding_meta,
-        rngs=rngs,
-    )
-
-  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-    x, a, b, scale = self._factors(x)
-    h = jax.lax.dot_general(
-        x, a, (((x.ndim - 1,), (0,)), ((), ())), precision=self.precision
-    )
-    h = h * scale
-    return jax.lax.dot_general(
-        h, b, (((h.ndim - 1,), (0,)), ((), ())), precision=self.precision,
-        out_sharding=out_sharding,
-    )
-
-
-class LoRAEinsumAdapter(_AdapterBase):
-  """The LoRA branch of an `nnx.Einsum`: `scale * einsum(x, a, b)` only.
-
-  The decomposition comes from `peft.einsum.lora_einsum`: `a` holds the
-  kernel's batch axes, its contracted axes and the rank axis; `b` the batch
-  axes, the rank axis and the output axes (e.g. `'ebd,edf->ebf'` gives
-  `a: (e, d, r)`, `b: (e, r, f)`).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> ad = LoRAEinsumAdapter('bi,imn->bmn', (3, 4, 5), rank=2,
-    ...                        rngs=nnx.Rngs(0))
-    >>> ad.a.shape, ad.b.shape, ad(jnp.ones((6, 3))).shape
-    ((3, 2), (2, 4, 5), (6, 4, 5))
-
-  Args:
-    einsum_str: the wrapped layer's `'inputs,weights->outputs'` string.
-    kernel_shape: the per-layer kernel shape (without stacking axes).
-
-  The other arguments are those of `LoRALinearAdapter`; the initializers see
-  the flattened 2-D shapes `(prod(contracted), rank)` and
-  `(rank, prod(output axes))` per batch slice.
-
-  Raises:
-    ValueError: for einsum strings `peft.einsum.lora_einsum` rejects.
-  """
-
-  def __init__(
-      self,
-      einsum_str: str,
-      kernel_shape: tp.Sequence[int],
-      *,
-      rank: int,
-      alpha: float | None = None,
-      use_rslora: bool = False,
-      leading_shape: tp.Sequence[int] = (),
-      a_init: Initializer = _DEFAULT_A_INIT,
-      b_init: Initializer = _DEFAULT_B_INIT,
-      dtype=None,
-      param_dtype=jnp.float32,
-      precision=None,
-      dropout: float = 0.0,
-      kernel_sharding: tp.Sequence[str | None] | None = None,
-      sharding_meta: tp.Mapping[str, tp.Any] | None = None,
-      rngs: nnx.Rngs,
-  ):
-    rank = _check_rank(rank)
-    kernel_shape = _as_tuple(kernel_shape)
-    dec = _einsum.lora_einsum(einsum_str, kernel_shape, rank)
-    parts = _einsum.parse_einsum_str(einsum_str)
-    batch = ''.join(c for c in dec.a_str[:-1] if c in dec.b_str)
-    reduced = dec.a_str[len(batch):-1]
-    out = dec.b_str[len(batch) + 1:]
-    self.einsum_str = ''.join(einsum_str.split())
-    self.kernel_shape = kernel_shape
-    self.lora_str = dec.lora_str
-    geometry = _Geometry(parts.weights, dec.a_str, dec.b_str, batch, reduced,
-                         out, kernel_shape)
-    self._setup(
-        geometry, rank=rank, alpha=alpha, use_rslora=use_rslora,
-        leading_shape=leading_shape, a_init=a_init, b_init=b_init,
-        dtype=dtype, param_dtype=param_dtype, precision=precision,
-        dropout=dropout, kernel_sharding=kernel_sharding,
-        sharding_meta=sharding_meta, rngs=rngs,
-    )
-
-  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-    x, a, b, scale = self._factors(x)
-    # Scaling `a` costs |a| multiplies, far below either contraction.
-    return jnp.einsum(
-        self.lora_str, x, a * scale, b, precision=self.precision,
-        out_sharding=out_sharding,
-    )
-
-
-def _normalize_axes(axes: tp.Sequence[int], ndim: int) -> tuple[int, ...]:
-  return tuple(ax if ax >= 0 else ndim + ax for ax in axes)
-
-
-class LoRALinearGeneralAdapter(_AdapterBase):
-  """The LoRA branch of an `nnx.LinearGeneral`: `scale * (x @ a @ b)` only.
-
-  With `batch_axis` of sizes `B`, `in_features` `I` and `out_features` `O`,
-  the kernel is `(*B, *I, *O)`, `a` is `(*B, *I, rank)` and `b`
-  `(*B, rank, *O)`; the output has the layout of `nnx.LinearGeneral`:
-  batch axes, the input's other axes, then `O`.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> ad = LoRALinearGeneralAdapter((2, 3), (4, 5), axis=(-2, -1), rank=2,
-    ...                               rngs=nnx.Rngs(0))
-    >>> ad.a.shape, ad.b.shape, ad(jnp.ones((7, 2, 3))).shape
-    ((2, 3, 2), (2, 4, 5), (7, 4, 5))
-
-  Args:
-    in_features: int or tuple, sizes of the contracted input axes.
-    out_features: int or tuple, output feature sizes.
-    axis: int or tuple, the input axes contracted (as in `nnx.LinearGeneral`).
-    batch_axis: mapping from leading input axes to sizes shared with the
-      kernel (as in `nnx.LinearGeneral`).
-
-  The other arguments are those of `LoRALinearAdapter`; the initializers see
-  `(prod(I), rank)` and `(rank, prod(O))` per batch slice.
-  """
-
-  def __init__(
-      self,
-      in_features: int | tp.Sequence[int],
-      out_features: int | tp.Sequence[int],
-      *,
-      axis: int | tp.Sequence[int] = -1,
-      batch_axis: tp.Mapping[int, int] = {},  # noqa: B006 (read only)
-      rank: int,
-      alpha: float | None = None,
-      use_rslora: bool = False,
-      leading_shape: tp.Sequence[int] = (),
-      a_init: Initializer = _DEFAULT_A_INIT,
-      b_init: Initializer = _DEFAULT_B_INIT,
-      dtype=None,
-      param_dtype=jnp.float32,
-      precision=None,
-      dropout: float = 0.0,
-      kernel_sharding: tp.Sequence[str | None] | None = None,
-      sharding_meta: tp.Mapping[str, tp.Any] | None = None,
-      rngs: nnx.Rngs,
-  ):
-    in_features = _as_tuple(in_features)
-    out_features = _as_tuple(out_features)
-    axis = _as_tuple(axis)
-    if len(in_features) != len(axis):
-      raise ValueError(
-          f'in_features={in_features} and axis={axis} must have the same'
-          ' length'
-      )
-    batch_axis = {int(k): int(v) for k, v in dict(batch_axis).items()}
-    if batch_axis and sorted(batch_axis) != list(range(len(batch_axis))):
-      raise ValueError(
-          f'batch_axis={batch_axis} must name consecutive leading axes'
-          ' 0, 1, ... (as in nnx.LinearGeneral)'
-      )
-    self.in_features = in_features
-    self.out_features = out_features
-    self.axis = axis
-    self.batch_axis = tuple(sorted(batch_axis.items()))
-    nb, ni, no = len(batch_axis), len(in_features), len(out_features)
-    letters = _POOL[: nb + ni + no]
-    bl, il, ol = letters[:nb], letters[nb:nb + ni], letters[nb + ni:]
-    kernel_shape = (*(batch_axis[k] for k in sorted(batch_axis)),
-                    *in_features, *out_features)
-    geometry = _Geometry(bl + il + ol, bl + il + 'r', bl + 'r' + ol, bl, il,
-                         ol, kernel_shape)
-    self._setup(
-        geometry, rank=rank, alpha=alpha, use_rslora=use_rslora,
-        leading_shape=leading_shape, a_init=a_init, b_init=b_init,
-        dtype=dtype, param_dtype=param_dtype, precision=precision,
-        dropout=dropout, kernel_sharding=kernel_sharding,
-        sharding_meta=sharding_meta, rngs=rngs,
-    )
-
-  def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-    x, a, b, scale = self._factors(x)
-    nb, ni = len(self.batch_axis), len(self.in_features)
-    axis = _normalize_axes(self.axis, x.ndim)
-    batch_axes = _normalize_axes(tuple(k for k, _ in self.batch_axis),
-                                 x.ndim)
-    batch_ind = tuple(range(nb))
-    h = jax.lax.dot_general(
-        x, a, ((axis, tuple(range(nb, nb + ni))), (batch_axes, batch_ind)),
-        precision=self.precision,
-    )
-    h = h * scale
-    return jax.lax.dot_general(
-        h, b, (((h.ndim - 1,), (nb,)), (batch_ind, batch_ind)),
-        precision=self.precision, out_sharding=out_sharding,
-    )
-
-
-# ---------------------------------------------------------------------------
-# wrappers
-# ---------------------------------------------------------------------------
-
-_KINDS = {
-    'linear': ('nnx.Linear', 'LoRALinear'),
-    'einsum': ('nnx.Einsum', 'LoRAEinsum'),
-    'linear_general': ('nnx.LinearGeneral', 'LoRALinearGeneral'),
-}
-
-
-def _kind_of(module) -> str | None:
-  if isinstance(module, nnx.Linear):
-    return 'linear'
-  if isinstance(module, nnx.Einsum):
-    return 'einsum'
-  if isinstance(module, nnx.LinearGeneral):
-    return 'linear_general'
-  kind = getattr(type(module), '_peft_kind', None)
-  return kind if kind in _KINDS else None
-
-
-def _check_kind(wrapped, kind: str, wrapper: str):
-  got = _kind_of(wrapped)
-  if got == kind:
-    return
-  layer, _ = _KINDS[kind]
-  msg = (
-      f'{wrapper}(wrapped=...) accepts an {layer} or a quantized layer of'
-      f" that geometry (a module with _peft_kind == '{kind}', e.g. the"
-      f' SimulateQuantized* / Int4* layers of peft.nnx.quantized); got'
-      f' {type(wrapped).__module__}.{type(wrapped).__qualname__}'
-  )
-  if got is not None:
-    msg += f'; for this layer use {_KINDS[got][1]} instead'
-  raise TypeError(msg)
-
-
-def _kernel_variable(wrapped):
-  """The float kernel Variable of `wrapped` (or of the layer it wraps)."""
-  seen = 0
-  module = wrapped
-  while module is not None and seen < 8:
-    kernel = getattr(module, 'kernel', None)
-    if isinstance(kernel, nnx.Variable):
-      return kernel
-    module = getattr(module, 'wrapped', None)
-    seen += 1
-  return None
-
-
-def _kernel_info(wrapped):
-  """Returns (shape, dtype, sharding names, sharding metadata)."""
-  kernel = _kernel_variable(wrapped)
-  if kernel is not None:
-    value = kernel.get_value()
-    meta = kernel.get_metadata()
-    names = meta.get('out_sharding') or None
-    extra = {}
+  if isinstance(wrapped, _q.QuantizedLayer):
+    g = geometry or wrapped.geometry
+    names = wrapped.kernel_sharding
+    meta = {}
     if names is not None:
-      if meta.get('mesh') is not None:
-        extra['mesh'] = meta['mesh']
-      if meta.get('sharding_rules'):
-        extra['sharding_rules'] = meta['sharding_rules']
-      extra['_value'] = value
-    return tuple(value.shape), value.dtype, names, extra
-  shape = getattr(wrapped, 'kernel_shape', None)
-  if shape is None:
+      meta = {'mesh': wrapped.values.get_metadata().get('mesh')}
+    return _Base(g, tuple(wrapped.kernel_shape), wrapped.param_dtype, names,
+                 meta, None)
+  float_layer = wrapped
+  if isinstance(wrapped, _q.SimulateQuantized):
+    float_layer = wrapped.wrapped
+  if registry.layer_type(float_layer) is None:
     raise TypeError(
-        f'{type(wrapped).__qualname__} has neither a `kernel` variable nor a'
-        ' `kernel_shape` attribute; cannot size the LoRA factors'
+        f'cannot wrap {type(wrapped).__module__}.{type(wrapped).__qualname__}'
+        ' with LoRA: ' + registry.unsupported_message(wrapped)
     )
-  dtype = getattr(wrapped, 'param_dtype', None) or jnp.float32
-  names, extra = None, {}
-  weight = getattr(wrapped, 'weight', None)
-  if isinstance(weight, nnx.Variable):
-    meta = weight.get_metadata()
-    wn = meta.get('kernel_sharding') or meta.get('out_sharding')
-    if wn is not None and len(wn) == len(shape):
-      names = tuple(wn)
-      if meta.get('mesh') is not None:
-        extra['mesh'] = meta['mesh']
-  return tuple(int(d) for d in shape), dtype, names, extra
-
-
-def _split_leading(kernel_shape, n_axes: int, what: str):
-  if len(kernel_shape) < n_axes:
-    raise ValueError(
-        f'the wrapped kernel has shape {kernel_shape}, fewer axes than the'
-        f' {n_axes} its {what} imply'
+  g = geometry or registry.geometry_of(float_layer)
+  kernel = _float_kernel(float_layer)
+  if kernel is None:
+    raise TypeError(
+        f'{type(float_layer).__qualname__} has no kernel variable'
+        f' {registry.layer_type(float_layer).kernel!r}; cannot size the LoRA'
+        ' factors'
     )
-  k = len(kernel_shape) - n_axes
-  return tuple(kernel_shape[:k]), tuple(kernel_shape[k:])
+  value = kernel.get_value()
+  names, meta = _sharding_meta(kernel)
+  return _Base(g, tuple(value.shape), value.dtype, names, meta, kernel)
 
 
-class _LoRAWrapper(nnx.Module):
-  """Shared construction and forward of the three wrappers (private)."""
+class LoRA(nnx.Module):
+  """LoRA around any registered layer (or its quantized version).
 
-  def __treescope_repr__(self, path, subtree_renderer):
-    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
-    return visual.lora_treescope_repr(self, path, subtree_renderer)
+  Output: `wrapped(x) + lora(x)`, with `lora` a `LoRAAdapter` in the wrapped
+  layer's geometry. A kernel stacked by `nnx.vmap` (leading layer axes) gives
+  factors with the same leading axes; call the layer inside `nnx.scan`.
+  Kernel sharding names go to the factors (`a` the contracted axes' names,
+  `b` the output axes' names).
 
-  def _wrap(self, wrapped, adapter_cls, adapter_args, leading, names, extra,
-            kernel_dtype, *, rank, alpha, use_rslora, a_init, b_init, dtype,
-            param_dtype, dropout, init, rngs):
-    rank = _check_rank(rank)
-    if init not in _INITS:
-      raise ValueError(f"init must be one of {_INITS}, got init={init!r}")
-    if param_dtype is None:
-      param_dtype = kernel_dtype
-    if dtype is None:
-      dtype = getattr(wrapped, 'dtype', None)
-    self.wrapped = wrapped
-    self.lora = adapter_cls(
-        *adapter_args, rank=rank, alpha=alpha, use_rslora=use_rslora,
-        leading_shape=leading, a_init=a_init, b_init=b_init, dtype=dtype,
-        param_dtype=param_dtype,
-        precision=getattr(wrapped, 'precision', None), dropout=dropout,
-        kernel_sharding=names, sharding_meta=extra, rngs=rngs,
-    )
-    if init == 'pissa':
-      self._pissa_init()
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> base = nnx.Einsum('ebd,edf->ebf', (4, 3, 5), rngs=nnx.Rngs(0))
+    >>> layer = LoRA(base, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+    >>> layer.lora.a.shape, layer.lora.b.shape, float(layer.lora.scale[...])
+    ((4, 3, 2), (4, 2, 5), 2.0)
 
-  def _pissa_init(self):
-    kernel = getattr(self.wrapped, 'kernel', None)
-    if not isinstance(kernel, nnx.Variable):
-      raise ValueError(
-          "init='pissa' needs a float kernel on the wrapped layer (it writes"
-          ' the residual back into it); apply LoRA with PiSSA before'
-          ' quantizing, or use the default init'
-      )
-    ad = self.lora
-    g = ad._geometry
-    w = jnp.asarray(kernel[...], jnp.float32)
-    size = dict(zip(g.kernel, g.kernel_shape))
-    red = tuple(size[c] for c in g.reduced)
-    out = tuple(size[c] for c in g.out)
-    if ad.rank > min(int(np.prod(red)), int(np.prod(out))):
-      raise ValueError(
-          f"init='pissa' needs rank <= min(prod(contracted)={np.prod(red)},"
-          f' prod(outputs)={np.prod(out)}), got rank={ad.rank}'
-      )
-    lead = w.shape[: w.ndim - len(g.kernel)]
-    wt = jnp.einsum(f'...{g.kernel}->...{g.batch}{g.reduced}{g.out}', w)
-    bshape = lead + tuple(size[c] for c in g.batch)
-    mat = jnp.reshape(wt, (*bshape, int(np.prod(red)), int(np.prod(out))))
-    u, s, vt = jnp.linalg.svd(mat, full_matrices=False)
-    if _scale_value(ad.rank, ad.alpha, ad.use_rslora) == 0:
-      raise ValueError("init='pissa' needs a non-zero scale (alpha != 0)")
-    scale = jnp.asarray(ad.scale[...], jnp.float32)
-    scale = jnp.reshape(scale, scale.shape + (1,) * (len(g.batch) + 1))
-    root = jnp.sqrt(s[..., : ad.rank] / jnp.abs(scale))
-    a = u[..., :, : ad.rank] * root[..., None, :]
-    b = (jnp.sign(scale) * root)[..., :, None] * vt[..., : ad.rank, :]
-    ad.a[...] = jnp.reshape(a, ad.a.shape).astype(ad.a.dtype)
-    ad.b[...] = jnp.reshape(b, ad.b.shape).astype(ad.b.dtype)
-    kernel[...] = (w - ad.delta()).astype(kernel.dtype)
-
-  def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
-    y = self.wrapped(x, *args, **kwargs)
-    out_sharding = kwargs.get('out_sharding')
-    return y + self.lora(x, out_sharding=out_sharding).astype(y.dtype)
-
-  def delta(self) -> jax.Array:
-    """`scale * (a @ b)` shaped like the wrapped kernel (float32)."""
-    return self.lora.delta()
-
-
-_WRAPPER_ARGS_DOC = """
   Args:
-    wrapped: the layer to adapt; kept unchanged as `self.wrapped` (except with
+    wrapped: the layer to adapt (a registered type, or a SimulateQuantized /
+      quantized layer); kept unchanged as `self.wrapped` (except with
       `init='pissa'`, which writes the residual into its kernel).
     rank: LoRA rank, a positive int.
-    alpha: `scale = alpha / rank` (`alpha / sqrt(rank)` with
-      `use_rslora=True`); `None` means `scale = 1`.
+    alpha: `scale = alpha / rank` (`alpha / sqrt(rank)` with `use_rslora`);
+      `None` means `scale = 1`; 0 is refused.
     use_rslora: rank-stabilised scaling.
-    a_init: initializer of `a` (default he/kaiming uniform over the fan-in of
-      one layer slice).
+    a_init: initializer of `a` (default he/kaiming uniform).
     b_init: initializer of `b` (default zeros: a fresh wrapper changes
       nothing).
     dtype: compute dtype of the adapter (default: the wrapped layer's
       `dtype`, else promotion of input and params).
     param_dtype: storage dtype of `a`, `b` (default: the wrapped kernel's
       dtype, so a bf16 model stays bf16).
-    dropout: dropout rate on the adapter input (uses the `dropout` rng stream
-      of `rngs`; `model.eval()` switches it off; not for kernels stacked by
-      `nnx.vmap`).
+    dropout: dropout rate on the adapter input (`model.eval()` switches it
+      off; not for kernels stacked by `nnx.vmap`).
     init: `'default'` or `'pissa'`: `a`, `b` from the top-`rank` SVD of the
-      kernel and the wrapped kernel replaced IN PLACE by the residual
+      kernel, and the kernel replaced IN PLACE by the residual
       `kernel - delta()` (needs a float kernel), so the output is unchanged.
+    geometry: the wrapped layer's geometry, when the registry cannot read it
+      (e.g. an `nnx.Einsum` whose string is given at call time).
     rngs: `nnx.Rngs` for the initializers.
 
   Raises:
-    TypeError: `wrapped` is not a layer of this geometry.
-    ValueError: rank <= 0, unsupported einsum strings, bad `init`.
-"""
+    TypeError: `wrapped` is not a registered layer type (or already wrapped).
+    ValueError: rank <= 0, alpha == 0, unsupported layouts, bad `init`.
+  """
+
+  def __init__(
+      self,
+      wrapped: nnx.Module,
+      *,
+      rank: int,
+      alpha: float | None = None,
+      use_rslora: bool = False,
+      a_init: Initializer = _DEFAULT_A_INIT,
+      b_init: Initializer = _DEFAULT_B_INIT,
+      dtype=None,
+      param_dtype=None,
+      dropout: float = 0.0,
+      init: str = 'default',
+      geometry: Geometry | None = None,
+      name: str = DEFAULT_NAME,
+      rngs: nnx.Rngs,
+  ):
+    if init not in _INITS:
+      raise ValueError(f'init must be one of {_INITS}, got init={init!r}')
+    _check_name(name)
+    base = _describe_base(wrapped, geometry)
+    lead = base.geometry.lead_shape(base.kernel_shape)
+    if param_dtype is None:
+      param_dtype = base.dtype
+      if not jnp.issubdtype(jnp.dtype(param_dtype), jnp.floating):
+        raise TypeError(
+            f'the wrapped kernel has dtype {jnp.dtype(param_dtype)}, not a'
+            ' floating dtype; pass param_dtype=jnp.float32 (or bfloat16) for'
+            ' the LoRA factors'
+        )
+    self.wrapped = wrapped
+    self.lora = LoRAAdapter(
+        base.geometry, rank=rank, alpha=alpha, use_rslora=use_rslora,
+        leading_shape=lead, a_init=a_init, b_init=b_init,
+        dtype=dtype if dtype is not None else getattr(wrapped, 'dtype', None),
+        param_dtype=param_dtype,
+        precision=getattr(wrapped, 'precision', None), dropout=dropout,
+        kernel_sharding=base.names, sharding_meta=base.meta, rngs=rngs,
+    )
+    # Several named adapters (see peft.nnx.adapters): `lora` is the first,
+    # the others live in `adapters`; the selection lives in variables, so
+    # switching adapters under jit does not retrace.
+    self.adapter_names = (name,)
+    self.adapters = nnx.data(None)  # nnx.Dict of further named adapters
+    self.adapter_weights = nnx.data(None)  # AdapterWeights [n], if routed
+    self.adapter_ids = nnx.data(None)  # AdapterIds [batch], per example
+    self.enabled = True
+    if init == 'pissa':
+      self._pissa_init(base.kernel)
+
+  # -- named adapters ----------------------------------------------------
+
+  check_name = staticmethod(_check_name)
+
+  def adapter(self, name: str) -> LoRAAdapter:
+    """The adapter called `name`.
+
+    Raises:
+      KeyError: no adapter of that name on this layer.
+    """
+    if name == self.adapter_names[0]:
+      return self.lora
+    if name in self.adapter_names:
+      return self.adapters[name]
+    raise KeyError(
+        f'no adapter named {name!r} on this layer; it has'
+        f' {list(self.adapter_names)}'
+    )
+
+  def named_adapters(self) -> list[tuple[str, LoRAAdapter]]:
+    """`[(name, adapter), ...]` in the order the adapters were added."""
+    return [(n, self.adapter(n)) for n in self.adapter_names]
+
+  def add_adapter(self, name: str, *, rank: int, alpha: float | None = None,
+                  rngs: nnx.Rngs, **kwargs) -> LoRAAdapter:
+    """Adds another adapter on the same base layer (inactive: weight 0).
+
+    Args:
+      name: a name not used on this layer yet.
+      rank: its rank (adapters of one layer may have different ranks).
+      alpha: its scale numerator (`alpha / rank`).
+      rngs: `nnx.Rngs` for the initializers.
+      **kwargs: `use_rslora`, `a_init`, `b_init`, `dtype`, `param_dtype`,
+        `dropout`, as for the wrapper.
+
+    Returns:
+      The new adapter.
+
+    Raises:
+      ValueError: the name is already used on this layer.
+    """
+    _check_name(name)
+    if name in self.adapter_names:
+      raise ValueError(
+          f'this layer already has an adapter named {name!r}; names are'
+          ' unique per layer (delete_adapter it first, or pick another name)'
+      )
+    unknown = set(kwargs) - {'use_rslora', 'a_init', 'b_init', 'dtype',
+                             'param_dtype', 'dropout'}
+    if unknown:
+      raise TypeError(f'add_adapter: unexpected arguments {sorted(unknown)}')
+    base = _describe_base(self.wrapped, self.lora.geometry)
+    kwargs.setdefault('param_dtype', self.lora.param_dtype)
+    kwargs.setdefault('dtype', self.lora.dtype)
+    new = LoRAAdapter(
+        base.geometry, rank=rank, alpha=alpha,
+        leading_shape=self.lora.leading_shape,
+        precision=self.lora.precision, kernel_sharding=base.names,
+        sharding_meta=base.meta, rngs=rngs, **kwargs,
+    )
+    if self.adapters is None:
+      self.adapters = nnx.Dict()
+    self.adapters[name] = new
+    weights = self._weights_list()
+    self.adapter_names = self.adapter_names + (name,)
+    self.adapter_weights = AdapterWeights(
+        jnp.asarray(weights + [0.0], jnp.float32))
+    return new
+
+  def remove_adapter(self, name: str) -> None:
+    """Removes adapter `name` (the layer must keep at least one).
+
+    Raises:
+      KeyError: no adapter of that name.
+      ValueError: it is the layer's only adapter (unwrap the layer instead:
+        `peft.nnx.delete_adapter` does).
+    """
+    self.adapter(name)  # KeyError if missing
+    if len(self.adapter_names) == 1:
+      raise ValueError(
+          f'{name!r} is the only adapter of this layer; use'
+          ' peft.nnx.delete_adapter(model, name), which unwraps the layer'
+      )
+    weights = dict(zip(self.adapter_names, self._weights_list()))
+    del weights[name]
+    if name == self.adapter_names[0]:
+      first = self.adapter_names[1]
+      self.lora = self.adapters[first]
+      del self.adapters[first]
+    else:
+      del self.adapters[name]
+    self.adapter_names = tuple(n for n in self.adapter_names if n != name)
+    if len(self.adapter_names) == 1:
+      self.adapters = nnx.data(None)
+    self.adapter_weights = AdapterWeights(jnp.asarray(
+        [weights[n] for n in self.adapter_names], jnp.float32))
+    self.adapter_ids = nnx.data(None)
+
+  def _weights_list(self) -> list[float]:
+    if self.adapter_weights is None:
+      return [1.0] + [0.0] * (len(self.adapter_names) - 1)
+    return [float(w) for w in self.adapter_weights[...]]
+
+  def set_weights(self, weights: tp.Mapping[str, float]) -> None:
+    """Sets the weight of each named adapter in the output (others: 0).
+
+    Switches off per-example routing. Under `nnx.jit`, changing the values
+    (not the set of names) does not retrace.
+    """
+    values = jnp.asarray([weights.get(n, 0.0) for n in self.adapter_names],
+                         jnp.float32)
+    if self.adapter_weights is None:
+      self.adapter_weights = AdapterWeights(values)
+    else:
+      self.adapter_weights[...] = values
+    self.adapter_ids = nnx.data(None)
+
+  def set_ids(self, ids: jax.Array) -> None:
+    """Routes example `i` of the next calls through adapter `ids[i]`.
+
+    `ids` index this layer's `adapter_names`; -1 means no adapter. Writing
+    ids of the same shape again does not retrace.
+    """
+    ids = jnp.asarray(ids, jnp.int32)
+    if self.adapter_ids is not None and self.adapter_ids.shape == ids.shape:
+      self.adapter_ids[...] = ids
+    else:
+      self.adapter_ids = AdapterIds(ids)
+
+  def _pissa_init(self, kernel: nnx.Variable | None):
+    """`a`, `b` from the top singular triplets; kernel -= delta (in place)."""
+    if kernel is None or isinstance(self.wrapped, (_q.QuantizedLayer,
+                                                   _q.SimulateQuantized)):
+      raise ValueError(
+          "init='pissa' needs a float kernel on the wrapped layer (it writes"
+          ' the residual back into it); apply LoRA with PiSSA before'
+          ' quantizing, or use the default init'
+      )
+    ad = self.lora
+    g = ad.geometry
+    if ad.rank > min(g.matrix_shape):
+      raise ValueError(
+          f"init='pissa' needs rank <= min(in, out) = {min(g.matrix_shape)}"
+          f' of the kernel seen as a matrix {g.matrix_shape}, got'
+          f' rank={ad.rank}'
+      )
+    w = jnp.asarray(kernel[...], jnp.float32)
+    u, s, vt = jnp.linalg.svd(g.to_matrix(w), full_matrices=False)
+    scale = jnp.asarray(ad.scale[...], jnp.float32)
+    scale = jnp.reshape(scale, scale.shape + (1,) * (len(g.batch) + 1))
+    root = jnp.sqrt(s[..., :ad.rank] / jnp.abs(scale))
+    a = u[..., :, :ad.rank] * root[..., None, :]
+    b = (jnp.sign(scale) * root)[..., :, None] * vt[..., :ad.rank, :]
+    ad.a[...] = jnp.reshape(a, ad.a.shape).astype(ad.a.dtype)
+    ad.b[...] = jnp.reshape(b, ad.b.shape).astype(ad.b.dtype)
+    kernel[...] = (w - ad.delta()).astype(kernel.dtype)
+
+  def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
+    """`wrapped(x) + lora(x)`, in the wrapped layer's output dtype.
+
+    With several adapters: the weighted sum of the active ones (an adapter
+    of weight 0 is skipped at run time by `lax.cond`), or one adapter per
+    example after `set_ids`. Disabled (`enabled=False`): `wrapped(x)` only.
+    """
+    y = self.wrapped(x, *args, **kwargs)
+    if not self.enabled:
+      return y
+    out_sharding = kwargs.get('out_sharding')
+    if self.adapter_ids is not None:
+      delta = self._per_example(x)
+    elif self.adapter_weights is None:
+      delta = self.lora(x, out_sharding=out_sharding)
+    else:
+      delta = self._weighted(x, out_sharding)
+    return y + delta.astype(y.dtype)
+
+  def _weighted(self, x, out_sharding):
+    """`sum_i w_i * adapter_i(x)`, skipping adapters of weight 0."""
+    weights = self.adapter_weights[...]
+    total = None
+    for i, (_, ad) in enumerate(self.named_adapters()):
+      xi, a, b = ad.factors(x)
+      spec = ad.geometry.lora_einsum_str(ndim=xi.ndim)
+      run = lambda xi, a, b, w, spec=spec, ad=ad: (
+          jnp.einsum(spec, xi, a, b, precision=ad.precision,
+                     out_sharding=out_sharding) * w.astype(xi.dtype))
+      shape = jax.eval_shape(run, xi, a, b, weights[i])
+      out = jax.lax.cond(
+          weights[i] != 0, run,
+          lambda *_, shape=shape: jnp.zeros(shape.shape, shape.dtype),
+          xi, a, b, weights[i])
+      total = out if total is None else total + out
+    return total
+
+  def _per_example(self, x):
+    """Example `i` through adapter `ids[i]` (a rank-padded bank; -1: none)."""
+    g = self.lora.geometry
+    ads = [ad for _, ad in self.named_adapters()]
+    r_max = max(ad.rank for ad in ads)
+    r_axis_b = len(g.batch)
+    a_bank, b_bank = [], []
+    xp = None
+    for ad in ads:
+      xi, a, b = ad.factors(x)
+      xp = xi if xp is None else xp
+      pad = r_max - ad.rank
+      a_bank.append(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]))
+      b_bank.append(jnp.pad(b, [(0, pad) if i == r_axis_b else (0, 0)
+                                for i in range(b.ndim)]))
+    a_bank, b_bank = jnp.stack(a_bank), jnp.stack(b_bank)
+    ins, outs = g.subscripts(xp.ndim, reserved=g.rank_letter())
+    e = ins[0]
+    if e in g.kernel:
+      raise ValueError(
+          f'per-example adapters need the first input axis to be the example'
+          f' axis, but it is kernel axis {e!r} of {g.einsum_str!r}'
+      )
+    ids = self.adapter_ids[...]
+    if ids.shape != (xp.shape[0],):
+      raise ValueError(
+          f'adapter ids have shape {ids.shape}, the inputs have'
+          f' {xp.shape[0]} examples; call set_adapter_ids with one id per'
+          ' example'
+      )
+    index = jnp.clip(ids, 0, len(ads) - 1)
+    a_str, b_str = g.lora_strs()
+    out = jnp.einsum(f'{ins},{e}{a_str},{e}{b_str}->{outs}', xp,
+                     a_bank[index], b_bank[index], precision=self.lora.precision)
+    mask = (ids >= 0).astype(out.dtype)
+    shape = [1] * out.ndim
+    shape[outs.index(e)] = -1
+    return out * jnp.reshape(mask, shape)
+
+  def delta(self) -> jax.Array:
+    """`sum_i w_i * scale_i * (a_i @ b_i)` shaped like the kernel (float32).
+
+    With one adapter: its `scale * (a @ b)`; with several: the weighted sum
+    of the adapters as the layer applies them (not defined while routing
+    per example).
+    """
+    if self.adapter_ids is not None:
+      raise ValueError(
+          'this layer routes adapters per example (set_adapter_ids); there is'
+          ' no single delta. Call set_active_adapters first.'
+      )
+    if self.adapter_weights is None:
+      return self.lora.delta()
+    weights = self.adapter_weights[...]
+    return sum(weights[i] * ad.delta()
+               for i, (_, ad) in enumerate(self.named_adapters()))
+
+  def __treescope_repr__(self, path, subtree_renderer):
+    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
+    return visual.lora_treescope_repr(self, path, subtree_renderer)
 
 
-class LoRALinear(_LoRAWrapper):
-  """LoRA around an `nnx.Linear` (or its quantized version).
+def _check_base(wrapper: str, wrapped, accepts: tuple[type, ...]) -> None:
+  base = wrapped.wrapped if isinstance(wrapped, _q.SimulateQuantized) else (
+      wrapped)
+  if isinstance(base, accepts):
+    return
+  names = ' or '.join(t.__qualname__ for t in accepts)
+  msg = (f'{wrapper}(wrapped=...) accepts an nnx.{names} (or its simulated'
+         f' or real quantized version); got {type(wrapped).__module__}.'
+         f'{type(wrapped).__qualname__}')
+  better = wrapper_class(wrapped)
+  if better is not LoRA:
+    msg += f'; for this layer use {better.__name__} instead'
+  elif registry.layer_type(base) is not None:
+    msg += '; for this layer use peft.nnx.LoRA instead'
+  raise TypeError(msg)
 
-  Output: `wrapped(x) + lora(x)`.
 
-  A kernel stacked by `nnx.vmap` (shape `(L, in, out)`) gives `a: (L, in, r)`
-  and `b: (L, r, out)`; call the layer inside `nnx.scan` over the stack.
-  Kernel sharding names `(in_name, out_name)` give `a` `(in_name, None)` and
-  `b` `(None, out_name)`.
+class LoRALinear(LoRA):
+  """`LoRA` around an `nnx.Linear` (or its quantized version).
 
   Examples:
     >>> import jax.numpy as jnp
@@ -779,46 +546,41 @@ class LoRALinear(_LoRAWrapper):
     ...                    alpha=4.0, rngs=nnx.Rngs(1))
     >>> layer(jnp.ones((5, 3))).shape, float(layer.lora.scale[...])
     ((5, 4), 2.0)
-  """ + _WRAPPER_ARGS_DOC
 
-  def __init__(
-      self,
-      wrapped: nnx.Module,
-      *,
-      rank: int,
-      alpha: float | None = None,
-      use_rslora: bool = False,
-      a_init: Initializer = _DEFAULT_A_INIT,
-      b_init: Initializer = _DEFAULT_B_INIT,
-      dtype=None,
-      param_dtype=None,
-      dropout: float = 0.0,
-      init: str = 'default',
-      rngs: nnx.Rngs,
-  ):
-    _check_kind(wrapped, 'linear', 'LoRALinear')
-    shape, kdtype, names, extra = _kernel_info(wrapped)
-    leading, per_layer = _split_leading(shape, 2, 'in/out features')
-    in_f, out_f = int(wrapped.in_features), int(wrapped.out_features)
-    if per_layer != (in_f, out_f):
-      raise ValueError(
-          f'the wrapped kernel shape {shape} does not end with'
-          f' (in_features, out_features) = {(in_f, out_f)}'
-      )
-    self._wrap(wrapped, LoRALinearAdapter, (in_f, out_f), leading, names,
-               extra, kdtype, rank=rank, alpha=alpha, use_rslora=use_rslora,
-               a_init=a_init, b_init=b_init, dtype=dtype,
-               param_dtype=param_dtype, dropout=dropout, init=init,
-               rngs=rngs)
+  Arguments: those of `LoRA`.
+  """
+
+  def __init__(self, wrapped: nnx.Module, **kwargs):
+    _check_base('LoRALinear', wrapped, (nnx.Linear, _q.Int4Linear))
+    super().__init__(wrapped, **kwargs)
 
 
-class LoRAEinsum(_LoRAWrapper):
-  """LoRA around an `nnx.Einsum` (or its quantized version).
+class LoRALinearGeneral(LoRA):
+  """`LoRA` around an `nnx.LinearGeneral` (or its quantized version).
 
-  Output: `wrapped(x) + lora(x)`.
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> base = nnx.LinearGeneral((2, 3), (4, 5), axis=(-2, -1),
+    ...                          rngs=nnx.Rngs(0))
+    >>> layer = LoRALinearGeneral(base, rank=2, rngs=nnx.Rngs(1))
+    >>> layer.lora.a.shape, layer(jnp.ones((7, 2, 3))).shape
+    ((2, 3, 2), (7, 4, 5))
 
-  Any einsum string accepted by `peft.einsum.lora_einsum` works, including
-  kernels with batch/expert axes (`'ebd,edf->ebf'`) and ellipsis inputs
+  Arguments: those of `LoRA`.
+  """
+
+  def __init__(self, wrapped: nnx.Module, **kwargs):
+    _check_base('LoRALinearGeneral', wrapped,
+                (nnx.LinearGeneral, _q.Int4LinearGeneral))
+    super().__init__(wrapped, **kwargs)
+
+
+class LoRAEinsum(LoRA):
+  """`LoRA` around an `nnx.Einsum` (or its quantized version).
+
+  Any einsum string whose kernel axes are each contracted or kept works,
+  including batch/expert axes (`'ebd,edf->ebf'`) and ellipsis inputs
   (`'...d,dhk->...hk'`).
 
   Examples:
@@ -826,48 +588,35 @@ class LoRAEinsum(_LoRAWrapper):
     >>> from flax import nnx
     >>> base = nnx.Einsum('ebd,edf->ebf', (4, 3, 5), rngs=nnx.Rngs(0))
     >>> layer = LoRAEinsum(base, rank=2, rngs=nnx.Rngs(1))
-    >>> layer.lora.a.shape, layer.lora.b.shape
-    ((4, 3, 2), (4, 2, 5))
-    >>> layer(jnp.ones((4, 6, 3))).shape
-    (4, 6, 5)
-  """ + _WRAPPER_ARGS_DOC + """
+    >>> layer.lora.a.shape, layer(jnp.ones((4, 6, 3))).shape
+    ((4, 3, 2), (4, 6, 5))
+
+  Args:
+    wrapped: the Einsum layer.
     einsum_str: the einsum string when the wrapped layer has none (it was
       meant to be given at call time).
+    **kwargs: those of `LoRA`.
   """
 
-  def __init__(
-      self,
-      wrapped: nnx.Module,
-      *,
-      rank: int,
-      alpha: float | None = None,
-      use_rslora: bool = False,
-      a_init: Initializer = _DEFAULT_A_INIT,
-      b_init: Initializer = _DEFAULT_B_INIT,
-      dtype=None,
-      param_dtype=None,
-      dropout: float = 0.0,
-      init: str = 'default',
-      einsum_str: str | None = None,
-      rngs: nnx.Rngs,
-  ):
-    _check_kind(wrapped, 'einsum', 'LoRAEinsum')
+  def __init__(self, wrapped: nnx.Module, *, einsum_str: str | None = None,
+               **kwargs):
+    _check_base('LoRAEinsum', wrapped, (nnx.Einsum, _q.Int4Einsum))
     einsum_str = einsum_str or getattr(wrapped, 'einsum_str', None)
     if einsum_str is None:
       raise ValueError(
           'the wrapped Einsum has no einsum_str (it expects one per call);'
           ' pass einsum_str=... to LoRAEinsum'
       )
-    parts = _einsum.parse_einsum_str(einsum_str)
-    shape, kdtype, names, extra = _kernel_info(wrapped)
-    leading, per_layer = _split_leading(shape, len(parts.weights),
-                                        f'einsum weights {parts.weights!r}')
+    geometry = kwargs.pop('geometry', None)
+    if geometry is None:
+      kernel = _float_kernel(wrapped.wrapped if isinstance(
+          wrapped, _q.SimulateQuantized) else wrapped)
+      shape = (tuple(kernel.shape) if kernel is not None
+               else tuple(wrapped.kernel_shape))
+      n = len(''.join(einsum_str.split()).split('->')[0].split(',')[-1])
+      geometry = Geometry.from_einsum(einsum_str, shape[len(shape) - n:])
     self.einsum_str = ''.join(einsum_str.split())
-    self._wrap(wrapped, LoRAEinsumAdapter, (einsum_str, per_layer), leading,
-               names, extra, kdtype, rank=rank, alpha=alpha,
-               use_rslora=use_rslora, a_init=a_init, b_init=b_init,
-               dtype=dtype, param_dtype=param_dtype, dropout=dropout,
-               init=init, rngs=rngs)
+    super().__init__(wrapped, geometry=geometry, **kwargs)
 
   def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
     if args or kwargs.get('einsum_str') is not None:
@@ -880,60 +629,24 @@ class LoRAEinsum(_LoRAWrapper):
     return super().__call__(x, *args, **kwargs)
 
 
-class LoRALinearGeneral(_LoRAWrapper):
-  """LoRA around an `nnx.LinearGeneral` (or its quantized version).
+def wrapper_class(wrapped) -> type[LoRA]:
+  """The LoRA class `apply_lora` builds for `wrapped`.
 
-  Output `wrapped(x) + lora(x)`, with `axis` tuples and `batch_axis` handled
-  as in `nnx.LinearGeneral`: `a` is `(*batch, *in_features, r)` and `b`
-  `(*batch, r, *out_features)`.
+  `LoRALinear` / `LoRAEinsum` / `LoRALinearGeneral` for flax's layers (and
+  their quantized versions), `LoRA` for any other registered type.
 
   Examples:
-    >>> import jax.numpy as jnp
     >>> from flax import nnx
-    >>> base = nnx.LinearGeneral((2, 3), (4, 5), axis=(-2, -1),
-    ...                          rngs=nnx.Rngs(0))
-    >>> layer = LoRALinearGeneral(base, rank=2, rngs=nnx.Rngs(1))
-    >>> layer.lora.a.shape, layer(jnp.ones((7, 2, 3))).shape
-    ((2, 3, 2), (7, 4, 5))
-  """ + _WRAPPER_ARGS_DOC
-
-  def __init__(
-      self,
-      wrapped: nnx.Module,
-      *,
-      rank: int,
-      alpha: float | None = None,
-      use_rslora: bool = False,
-      a_init: Initializer = _DEFAULT_A_INIT,
-      b_init: Initializer = _DEFAULT_B_INIT,
-      dtype=None,
-      param_dtype=None,
-      dropout: float = 0.0,
-      init: str = 'default',
-      rngs: nnx.Rngs,
+    >>> wrapper_class(nnx.Linear(2, 3, rngs=nnx.Rngs(0))).__name__
+    'LoRALinear'
+  """
+  base = wrapped.wrapped if isinstance(wrapped, _q.SimulateQuantized) else (
+      wrapped)
+  for cls, accepts in (
+      (LoRALinear, (nnx.Linear, _q.Int4Linear)),
+      (LoRAEinsum, (nnx.Einsum, _q.Int4Einsum)),
+      (LoRALinearGeneral, (nnx.LinearGeneral, _q.Int4LinearGeneral)),
   ):
-    _check_kind(wrapped, 'linear_general', 'LoRALinearGeneral')
-    in_f = _as_tuple(wrapped.in_features)
-    out_f = _as_tuple(wrapped.out_features)
-    axis = _as_tuple(wrapped.axis)
-    batch_axis = dict(getattr(wrapped, 'batch_axis', None) or {})
-    shape, kdtype, names, extra = _kernel_info(wrapped)
-    n_axes = len(batch_axis) + len(in_f) + len(out_f)
-    leading, per_layer = _split_leading(shape, n_axes,
-                                        'batch_axis/in/out features')
-    expected = (*(batch_axis[k] for k in sorted(batch_axis)), *in_f, *out_f)
-    if per_layer != expected:
-      raise ValueError(
-          f'the wrapped kernel shape {shape} does not end with'
-          f' (*batch_axis sizes, *in_features, *out_features) = {expected}'
-      )
-
-    def adapter(*args, **kw):
-      return LoRALinearGeneralAdapter(*args, axis=axis, batch_axis=batch_axis,
-                                      **kw)
-
-    self._wrap(wrapped, adapter, (in_f, out_f), leading, names,
-               extra, kdtype, rank=rank, alpha=alpha, use_rslora=use_rslora,
-               a_init=a_init, b_init=b_init, dtype=dtype,
-               param_dtype=param_dtype, dropout=dropout, init=init,
-               rngs=rngs)
+    if isinstance(base, accepts):
+      return cls
+  return LoRA

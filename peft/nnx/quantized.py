@@ -1168,3 +1168,28 @@ class Int4LinearGeneral(_Int4Base):
         self.in_features, self.out_features, use_bias=self.bias is not None,
         kernel_init=_ZEROS, bias_init=_ZEROS, rngs=nnx.Rngs(0), **kwargs,
     ))
+
+
+# --- TEMPORARY shim until the geometry-based rewrite lands (lead) -----------
+SimulateQuantized = _SimulateBase
+QuantizedLayer = _Int4Base
+
+
+def _tmp_geometry(self):
+  from peft.geometry import Geometry  # pylint: disable=g-import-not-at-top
+  from peft.nnx import registry  # pylint: disable=g-import-not-at-top
+  if isinstance(self, _SimulateBase):
+    return registry.geometry_of(self.wrapped)
+  kind = self._peft_kind
+  if kind == _LINEAR:
+    return Geometry.linear(self.in_features, self.out_features)
+  if kind == _LINEAR_GENERAL:
+    return Geometry.linear_general(self.in_features, self.out_features,
+                                   axis=self.axis,
+                                   batch_axis=dict(self.batch_axis))
+  n = _kernel_ndim(self, kind)
+  return Geometry.from_einsum(self.einsum_str, self.kernel_shape[-n:])
+
+
+_SimulateBase.geometry = property(_tmp_geometry)
+_Int4Base.geometry = property(_tmp_geometry)

@@ -14,10 +14,15 @@ method interception, no dummy forward pass).
 * `lora_state`: the adapter-only `nnx.State` (what to save after fine-tuning).
 * `summary`: parameter counts (total / trainable / frozen) and real bytes.
 
+Graph walking lives in `peft.nnx.graph`, selection in `peft.nnx.selection`
+and the counts in `peft.nnx.summary`; this module re-exports `replace`,
+`select`, `summary` and `ParamSummary` so `peft.nnx.surgery` keeps its API.
+
 Selectors (`where=`), used by every function above:
 
 * `None`: every supported layer (`nnx.Linear`, `nnx.Einsum`,
-  `nnx.LinearGeneral` and their peft wrappers);
+  `nnx.LinearGeneral`, the types registered with `peft.nnx.register_layer`,
+  and their peft wrappers);
 * a type or tuple of types: the layer, the base layer inside a peft wrapper,
   or a module containing the layer is an instance (so `where=nnx.Linear` also
   picks `LoRALinear(Linear)`, and `where=MyAttention` picks every layer inside
@@ -50,18 +55,27 @@ Examples:
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import re
-from typing import Any, Callable, Sequence, Union
+from typing import Any
 
-from flax import nnx
-from flax.nnx import graphlib
 import jax
 import jax.numpy as jnp
-import numpy as np
+from flax import nnx
 
-from peft.nnx.visual import format_bytes
+from peft.nnx import graph
+from peft.nnx import lora as _lora
+from peft.nnx import quantized as _q
+from peft.nnx import registry
+from peft.nnx.adapter import scale_value
+from peft.nnx.graph import Path
+from peft.nnx.graph import replace
+from peft.nnx.selection import Selector
+from peft.nnx.selection import base_of
+from peft.nnx.selection import kind_of
+from peft.nnx.selection import select
+from peft.nnx.selection import select_layers
+from peft.nnx.summary import ParamSummary
+from peft.nnx.summary import param_counts
+from peft.nnx.summary import summary
 
 __all__ = [
     'Path',
@@ -77,463 +91,6 @@ __all__ = [
     'summary',
     'param_counts',
 ]
-
-#: A path in the model graph: the attribute names / container keys from the
-#: root, e.g. `('layers', 0, 'attn', 'q_proj')`.
-Path = tuple[Union[str, int], ...]
-
-#: What `where=` accepts (see the module docstring).
-Selector = Union[
-    None, type, tuple, str, re.Pattern, Callable[[Path, nnx.Module], bool]
-]
-
-_FLOAT_KINDS = {
-    nnx.Linear: 'linear',
-    nnx.Einsum: 'einsum',
-    nnx.LinearGeneral: 'linear_general',
-}
-
-_MAX_LISTED_PATHS = 60
-
-
-# --------------------------------------------------------------------------
-# Layer classification (the peft modules are imported lazily: surgery works
-# on plain flax models without them, and avoids import cycles).
-# --------------------------------------------------------------------------
-
-
-def _peft_classes() -> dict[str, dict[type, str]]:
-  """{'lora': {cls: geometry}, 'simulate': {...}, 'int4': {...}}."""
-  out: dict[str, dict[type, str]] = {'lora': {}, 'simulate': {}, 'int4': {}}
-  try:
-    from peft.nnx import lora as _lora  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    _lora = None
-  try:
-    from peft.nnx import quantized as _q  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    _q = None
-  specs = [
-      ('lora', _lora, 'LoRA'),
-      ('simulate', _q, 'SimulateQuantized'),
-      ('int4', _q, 'Int4'),
-  ]
-  for kind, mod, prefix in specs:
-    if mod is None:
-      continue
-    for geometry, suffix in (
-        ('linear', 'Linear'),
-        ('einsum', 'Einsum'),
-        ('linear_general', 'LinearGeneral'),
-    ):
-      cls = getattr(mod, prefix + suffix, None)
-      if isinstance(cls, type):
-        out[kind][cls] = geometry
-  return out
-
-
-def _lookup(classes: dict[type, str], module: Any) -> str | None:
-  for cls in type(module).__mro__:
-    if cls in classes:
-      return classes[cls]
-  return None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Layer:
-  """How a supported layer is built: `kind` and `geometry` of each level."""
-
-  kind: str  # 'float', 'lora', 'simulate', 'int4'
-  geometry: str  # 'linear', 'einsum', 'linear_general'
-
-
-def _classify(module: Any, peft: dict[str, dict[type, str]]) -> _Layer | None:
-  for kind in ('lora', 'simulate', 'int4'):
-    geometry = _lookup(peft[kind], module)
-    if geometry is not None:
-      return _Layer(kind, geometry)
-  geometry = _lookup(_FLOAT_KINDS, module)
-  if geometry is not None:
-    return _Layer('float', geometry)
-  return None
-
-
-def _base_of(layer: Any, peft) -> Any:
-  """The layer under a LoRA wrapper (or the layer itself)."""
-  info = _classify(layer, peft)
-  if info is not None and info.kind == 'lora':
-    return layer.wrapped
-  return layer
-
-
-# --------------------------------------------------------------------------
-# Graph walking.
-# --------------------------------------------------------------------------
-
-
-def _is_graph_node(x: Any) -> bool:
-  return type(x) in graphlib.GRAPH_REGISTRY
-
-
-def _is_container(x: Any) -> bool:
-  """A node that may hold modules: graph node or pytree (tuple, list, ...)."""
-  if isinstance(x, nnx.Variable) or isinstance(x, (jax.Array, np.ndarray)):
-    return False
-  return graphlib.is_node(x)
-
-
-def _graph_items(node: Any) -> list[tuple[Any, Any]]:
-  impl = graphlib.GRAPH_REGISTRY[type(node)]
-  return [
-      (key, value)
-      for key, value in impl.node_dict(node).items()
-      if not (isinstance(key, str) and key.startswith('_pytree__'))
-  ]
-
-
-def _pytree_items(node: Any) -> tuple[Any, list[tuple[Any, Any]], Any]:
-  impl = graphlib.get_node_impl(node)
-  items, aux = impl.flatten(node)
-  return impl, list(items), aux
-
-
-def _replace(root: Any, fn: Callable[[Path, Any], Any]) -> Any:
-  """Core of `replace`: parents first, one result per original object."""
-  memo: dict[int, tuple[Any, Any]] = {}  # id -> (original, result)
-
-  def visit(node: Any, path: Path) -> Any:
-    if _is_graph_node(node):
-      entry = memo.get(id(node))
-      if entry is not None:
-        return entry[1]
-      if isinstance(node, nnx.Module):
-        new = fn(path, node)
-        if new is not node:
-          memo[id(node)] = (node, new)
-          return new
-      memo[id(node)] = (node, node)
-      impl = graphlib.GRAPH_REGISTRY[type(node)]
-      for key, child in _graph_items(node):
-        if not _is_container(child):
-          continue
-        new_child = visit(child, path + (key,))
-        if new_child is not child:
-          impl.set_key(node, key, new_child)
-      return node
-    # A pytree container (tuple, list, dict, ...): rebuilt if a child changed.
-    impl, items, aux = _pytree_items(node)
-    new_items, changed = [], False
-    for key, child in items:
-      new_child = visit(child, path + (key,)) if _is_container(child) else child
-      changed |= new_child is not child
-      new_items.append((key, new_child))
-    if not changed:
-      return node
-    return impl.unflatten(new_items, aux)
-
-  if not _is_container(root):
-    raise TypeError(
-        f'model: expected an nnx.Module (or a container of modules), got'
-        f' {type(root).__name__}.'
-    )
-  return visit(root, ())
-
-
-def replace(model: Any, fn: Callable[[Path, nnx.Module], Any]) -> Any:
-  """Replaces modules of `model` in place by `fn(path, module)`'s results.
-
-  `fn` is called once per `nnx.Module` object in the graph, parents before
-  children, with `path` the tuple of keys by which the walk first reaches it
-  (attribute names, `nnx.List` indices, `nnx.Dict` keys, tuple indices). It
-  returns the module itself (keep it and walk into its children) or a
-  replacement. A replacement is installed in every place the original object
-  appears (sharing is preserved: a module reachable by two paths is replaced
-  once and both parents see the same new object), and the walk does not descend
-  into it, so a wrapper is never asked to wrap its own contents. Modules inside
-  `nnx.List`, `nnx.Dict`, tuples stored with `nnx.data`, and nested modules are
-  all reached; tuples are rebuilt, everything else is edited in place.
-
-  Args:
-    model: the root (an `nnx.Module`, or a pytree of modules).
-    fn: `(path, module) -> module or replacement`.
-
-  Returns:
-    `model` (edited in place), or `fn`'s replacement if the root itself is
-    replaced (or a rebuilt root if the root is a tuple).
-
-  Examples:
-    >>> from flax import nnx
-    >>> from peft.nnx import surgery
-    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-    >>> double = lambda path, m: (
-    ...     nnx.Sequential(m, m) if isinstance(m, nnx.Linear) else m)
-    >>> model = surgery.replace(model, double)
-    >>> type(model.layers[0]).__name__
-    'Sequential'
-  """
-  if not callable(fn):
-    raise TypeError(
-        f'fn: expected a callable (path, module) -> module, got {fn!r}.'
-    )
-  return _replace(model, fn)
-
-
-@dataclasses.dataclass
-class _Index:
-  """One walk over the whole graph (descending into every module)."""
-
-  modules: list[Any]  # unique modules, first-visit (depth-first) order
-  first_path: dict[int, Path]
-  edges: dict[int, list[tuple[int, Path]]]  # child id -> [(parent id, keys)]
-  var_owners: dict[int, list[int]]  # Variable id -> ids of owning modules
-  variables: list[nnx.Variable]  # unique Variables
-  tops: list[Any]  # supported layers not inside another supported layer
-  top_info: dict[int, _Layer]
-  by_id: dict[int, Any]  # graph nodes by id
-
-
-def _index(root: Any, peft, full: bool = True) -> _Index:
-  """Walks the graph; `full=False` does not enter supported layers (faster:
-  enough to select layers, not to find Variables or tied kernels)."""
-  idx = _Index([], {}, {}, {}, [], [], {}, {})
-  seen: set[int] = set()
-  seen_vars: set[int] = set()
-
-  def add_var(var, owner_id):
-    owners = idx.var_owners.setdefault(id(var), [])
-    if owner_id is not None:
-      owners.append(owner_id)
-    if id(var) not in seen_vars:
-      seen_vars.add(id(var))
-      idx.variables.append(var)
-
-  def visit(node, path, parent_id, rel, inside_layer):
-    if isinstance(node, nnx.Variable):
-      add_var(node, parent_id)
-      return
-    if _is_graph_node(node):
-      nid = id(node)
-      if parent_id is not None or path == ():
-        idx.edges.setdefault(nid, []).append((parent_id, rel))
-      if nid in seen:
-        return
-      seen.add(nid)
-      idx.first_path[nid] = path
-      idx.by_id[nid] = node
-      is_layer = False
-      if isinstance(node, nnx.Module):
-        idx.modules.append(node)
-        info = _classify(node, peft)
-        if info is not None:
-          is_layer = True
-          if not inside_layer:
-            idx.tops.append(node)
-            idx.top_info[nid] = info
-          if not full:
-            return
-      for key, child in _graph_items(node):
-        if isinstance(child, nnx.Variable) or _is_container(child):
-          visit(child, path + (key,), nid, (key,), inside_layer or is_layer)
-      return
-    if not _is_container(node):
-      return
-    _, items, _ = _pytree_items(node)
-    for key, child in items:
-      if isinstance(child, nnx.Variable) or _is_container(child):
-        visit(child, path + (key,), parent_id, rel + (key,), inside_layer)
-
-  visit(root, (), None, (), False)
-  return idx
-
-
-def _all_paths(idx: _Index, node_id: int, limit: int = 16) -> list[Path]:
-  """Every path to a node (up to `limit`), following recorded parent edges."""
-  cache: dict[int, list[Path]] = {}
-
-  def paths(nid, stack):
-    if nid in cache:
-      return cache[nid]
-    out: list[Path] = []
-    for parent_id, rel in idx.edges.get(nid, []):
-      if parent_id is None:
-        out.append(())
-      elif parent_id not in stack:
-        for p in paths(parent_id, stack | {parent_id}):
-          out.append(p + rel)
-          if len(out) >= limit:
-            break
-      if len(out) >= limit:
-        break
-    cache[nid] = out
-    return out
-
-  return paths(node_id, frozenset({node_id})) or [idx.first_path[node_id]]
-
-
-def _ancestors(idx: _Index, node_id: int) -> list[Any]:
-  """Every module above a node (through all its parents)."""
-  out, seen, stack = [], {node_id}, [node_id]
-  while stack:
-    for parent_id, _ in idx.edges.get(stack.pop(), []):
-      if parent_id is not None and parent_id not in seen:
-        seen.add(parent_id)
-        stack.append(parent_id)
-        out.append(idx.by_id[parent_id])
-  return out
-
-
-def _path_str(path: Path) -> str:
-  return '/'.join(str(k) for k in path)
-
-
-# --------------------------------------------------------------------------
-# Selectors.
-# --------------------------------------------------------------------------
-
-
-def _compile_selector(where: Any, peft) -> Callable[[_Index, Any], bool]:
-  """Returns `matches(idx, top_layer) -> bool`; validates `where`."""
-  if where is None:
-    return lambda idx, layer: True
-  if isinstance(where, type) or (
-      isinstance(where, tuple) and where and
-      all(isinstance(t, type) for t in where)
-  ):
-    types = where if isinstance(where, tuple) else (where,)
-
-    def match_type(idx, layer):
-      node = layer
-      for _ in range(3):  # the layer, its base, the base's float layer.
-        if isinstance(node, types):
-          return True
-        info = _classify(node, peft)
-        if info is None or info.kind not in ('lora', 'simulate'):
-          break
-        node = node.wrapped
-      return any(isinstance(a, types) for a in _ancestors(idx, id(layer)))
-
-    return match_type
-  if isinstance(where, (str, re.Pattern)):
-    try:
-      pattern = re.compile(where)
-    except re.error as e:
-      raise ValueError(
-          f'where: {where!r} is not a valid regular expression ({e}); pass a'
-          " regex matched against '/'-joined paths, e.g. r'layers/\\d+/attn/.*'."
-      ) from None
-
-    def match_regex(idx, layer):
-      return any(
-          pattern.fullmatch(_path_str(p)) for p in _all_paths(idx, id(layer))
-      )
-
-    return match_regex
-  if callable(where):
-    return lambda idx, layer: bool(where(idx.first_path[id(layer)], layer))
-  raise TypeError(
-      f'where: expected None, a layer type or tuple of types, a regex string,'
-      f' or a predicate (path, module) -> bool; got {where!r}.'
-  )
-
-
-def _format_paths(paths: Sequence[str]) -> str:
-  if not paths:
-    return '  (none)'
-  shown = [f'  {p}' for p in paths[:_MAX_LISTED_PATHS]]
-  if len(paths) > _MAX_LISTED_PATHS:
-    shown.append(f'  ... and {len(paths) - _MAX_LISTED_PATHS} more')
-  return '\n'.join(shown)
-
-
-def _select(
-    model: Any,
-    where: Any,
-    expected_count: int | None,
-    eligible: Callable[[Any, _Layer], bool],
-    action: str,
-    skipped_reason: str,
-    full: bool = False,
-) -> tuple[_Index, list[Any]]:
-  """Top layers that are eligible for `action` and match `where`."""
-  if expected_count is not None and (
-      not isinstance(expected_count, int) or expected_count < 0
-  ):
-    raise ValueError(
-        f'expected_count: expected a non-negative int or None, got'
-        f' {expected_count!r}.'
-    )
-  peft = _peft_classes()
-  matches = _compile_selector(where, peft)
-  idx = _index(model, peft, full=full)
-  candidates = [t for t in idx.tops if eligible(t, idx.top_info[id(t)])]
-  skipped = [t for t in idx.tops if not eligible(t, idx.top_info[id(t)])]
-  selected = [t for t in candidates if matches(idx, t)]
-  label = lambda t: _path_str(idx.first_path[id(t)])
-  if not idx.tops:
-    raise ValueError(
-        f'{action}: the model has no supported layer (nnx.Linear, nnx.Einsum,'
-        ' nnx.LinearGeneral or their peft wrappers), so where='
-        f'{where!r} cannot select any; other layer types are not supported.'
-    )
-  if not selected:
-    msg = [
-        f'where={where!r} matched no layer for {action}. Paths it could have'
-        f' matched ({len(candidates)}):',
-        _format_paths([label(t) for t in candidates]),
-    ]
-    if skipped:
-      msg.append(
-          f'Skipped ({skipped_reason}, {len(skipped)}):\n'
-          + _format_paths([label(t) for t in skipped])
-      )
-    raise ValueError('\n'.join(msg))
-  if expected_count is not None and len(selected) != expected_count:
-    raise ValueError(
-        f'expected_count={expected_count} but where={where!r} matched'
-        f' {len(selected)} layers for {action}:\n'
-        + _format_paths([label(t) for t in selected])
-    )
-  return idx, selected
-
-
-def select(model: Any, where: Selector = None) -> list[tuple[str, nnx.Module]]:
-  """Lists the supported layers `where` picks, as `(path, layer)`; a dry run.
-
-  Supported layers are `nnx.Linear`, `nnx.Einsum`, `nnx.LinearGeneral` and the
-  peft wrappers of them (LoRA, simulated and int4 quantized). A wrapper counts
-  as one layer (the layers inside it are not listed separately). The model is
-  not changed. Each operation also takes `dry_run=True`, which returns exactly
-  the paths that operation would change (e.g. `apply_lora` skips layers that
-  already have an adapter, `select` lists them).
-
-  Args:
-    model: an `nnx.Module`.
-    where: a selector (see the module docstring); `None` = every layer.
-
-  Returns:
-    `[(path, layer), ...]` in walk order, `path` the `/`-joined first path.
-
-  Raises:
-    ValueError: nothing matched (the message lists every candidate path).
-
-  Examples:
-    >>> from flax import nnx
-    >>> from peft.nnx import surgery
-    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)), nnx.relu)
-    >>> [p for p, _ in surgery.select(model)]
-    ['layers/0']
-  """
-  idx, selected = _select(
-      model, where, None, lambda t, info: True, 'select', 'n/a'
-  )
-  return [(_path_str(idx.first_path[id(t)]), t) for t in selected]
-
-
-def _install(model: Any, replacements: dict[int, Any]) -> Any:
-  """Installs prepared replacements (keyed by original object id)."""
-  if not replacements:
-    return model
-  return _replace(model, lambda path, m: replacements.get(id(m), m))
 
 
 def _as_rngs(rngs: Any) -> nnx.Rngs:
@@ -563,6 +120,7 @@ def apply_lora(
     rngs: nnx.Rngs | int | None = None,
     expected_count: int | None = None,
     dry_run: bool = False,
+    name: str | None = None,
     **kwargs: Any,
 ) -> Any:
   """Wraps the selected layers in LoRA wrappers, in place; returns the model.
@@ -604,34 +162,54 @@ def apply_lora(
     >>> type(model.layers[0]).__name__
     'LoRALinear'
   """
-  idx, selected = _select(
-      model,
-      where,
-      expected_count,
-      lambda t, info: info.kind != 'lora',
-      'apply_lora',
-      'already have a LoRA adapter',
+  pissa = kwargs.get('init') == 'pissa'
+  if name is None:  # no name: wrap unwrapped layers (the default adapter)
+    eligible = lambda t, kind: kind != 'lora'
+    reason = 'already have a LoRA adapter'
+  else:  # a named adapter: wrapped layers get one more
+    _lora.LoRA.check_name(name)
+    eligible = lambda t, kind: kind != 'lora' or name not in t.adapter_names
+    reason = f'already have an adapter named {name!r}'
+  idx, selected = select_layers(
+      model, where, expected_count, eligible, 'apply_lora', reason,
+      full=pissa,
   )
+  if pissa:
+    for t in selected:
+      _refuse_shared_kernel(idx, t, None, 'apply_lora(init="pissa")',
+                            'PiSSA rewrites the kernel in place, so the other'
+                            ' layer would change too')
   if dry_run:
-    return [_path_str(idx.first_path[id(t)]) for t in selected]
+    return [graph.path_str(idx.first_path[id(t)]) for t in selected]
   if rngs is None:
     raise TypeError(
         'apply_lora: rngs is required to initialise the adapters; pass e.g.'
         ' rngs=nnx.Rngs(0).'
     )
   rngs = _as_rngs(rngs)
-  from peft.nnx import lora as _lora  # pylint: disable=g-import-not-at-top
-
-  wrappers = {
-      'linear': _lora.LoRALinear,
-      'einsum': _lora.LoRAEinsum,
-      'linear_general': _lora.LoRALinearGeneral,
-  }
+  scale_value(1, alpha)  # check alpha before building anything
+  if name is not None:
+    kwargs['name'] = name
+    wrapped = [t for t in selected if isinstance(t, _lora.LoRA)]
+    if wrapped:
+      extra = {k: v for k, v in kwargs.items() if k != 'name'}
+      if extra.get('init', 'default') != 'default':
+        raise ValueError(
+            'apply_lora: init=... applies to new wrappers only; a layer that'
+            ' already has adapters gets a default-initialised one')
+      extra.pop('init', None)
+      for t in wrapped:  # validate everything before the first change
+        if name in t.adapter_names:
+          raise ValueError(f'apply_lora: name {name!r} is already used')
+      for t in wrapped:
+        t.add_adapter(name, rank=rank, alpha=alpha, rngs=rngs, **extra)
+      selected = [t for t in selected if not isinstance(t, _lora.LoRA)]
+      if not selected:
+        return model
   groups: dict[Any, list[Any]] = {}
   order = []
   for layer in selected:
-    info = idx.top_info[id(layer)]
-    key, parts = _fast_group_key(layer, info, kwargs)
+    key, parts = _fast_group_key(layer, idx.top_info[id(layer)], kwargs)
     if key is None:
       key = ('slow', id(layer))
     if key not in groups:
@@ -641,7 +219,7 @@ def apply_lora(
   replacements = {}
   for key in order:
     group = groups[key]
-    cls = wrappers[idx.top_info[id(group[0][0])].geometry]
+    cls = _lora.wrapper_class(group[0][0])
     built = None
     if key[0] != 'slow' and len(group) >= _FAST_MIN_GROUP:
       built = _build_group_fast(cls, group, rank, alpha, rngs, kwargs)
@@ -652,7 +230,7 @@ def apply_lora(
       ]
     for (layer, _), wrapper in zip(group, built):
       replacements[id(layer)] = wrapper
-  return _install(model, replacements)
+  return graph.install(model, replacements)
 
 
 # Building many identical wrappers one by one costs ~1-2 ms each (flax module
@@ -672,8 +250,10 @@ _FAST_KWARGS = frozenset({'use_rslora', 'a_init', 'b_init', 'dtype',
                           'param_dtype'})
 
 
-def _fast_group_key(layer, info, kwargs):
-  if info.kind != 'float' or not set(kwargs) <= _FAST_KWARGS:
+def _fast_group_key(layer, kind, kwargs):
+  if kind != 'float' or not set(kwargs) <= _FAST_KWARGS:
+    return None, None
+  if not isinstance(layer, (nnx.Linear, nnx.Einsum, nnx.LinearGeneral)):
     return None, None
   kernel = getattr(layer, 'kernel', None)
   if not isinstance(kernel, nnx.Variable):
@@ -684,7 +264,10 @@ def _fast_group_key(layer, info, kwargs):
   ):
     return None, None
   graphdef, state = nnx.split(layer)
-  return ('fast', type(layer), graphdef), state
+  value = kernel.get_value()
+  # Each adapter follows its own kernel's dtype: the group shares it.
+  return ('fast', type(layer), graphdef, tuple(value.shape),
+          str(value.dtype)), state
 
 
 def _build_group_fast(cls, group, rank, alpha, rngs, kwargs):
@@ -736,6 +319,21 @@ def _build_group_fast(cls, group, rank, alpha, rngs, kwargs):
     return None
 
 
+def _quantized_class(base, real: bool) -> type:
+  """The thin public class for flax's layers, the generic one otherwise."""
+  table = (
+      (nnx.Linear, _q.Int4Linear, _q.SimulateQuantizedLinear),
+      (nnx.Einsum, _q.Int4Einsum, _q.SimulateQuantizedEinsum),
+      (nnx.LinearGeneral, _q.Int4LinearGeneral,
+       _q.SimulateQuantizedLinearGeneral),
+  )
+  float_layer = base.wrapped if isinstance(base, _q.SimulateQuantized) else base
+  for layer_type, int4, simulated in table:
+    if isinstance(float_layer, layer_type):
+      return int4 if real else simulated
+  return _q.QuantizedLayer if real else _q.SimulateQuantized
+
+
 def _quantize_op(
     model, method, where, expected_count, dry_run, real: bool
 ) -> Any:
@@ -743,46 +341,62 @@ def _quantize_op(
 
   method = _qz.QuantizationMethod(method)  # ValueError lists valid names.
   action = 'quantize' if real else 'simulate_quantization'
-
-  def base_kind(t, info):
-    if info.kind != 'lora':
-      return info.kind
-    base_info = _classify(t.wrapped, _peft_classes())
-    return base_info.kind if base_info is not None else None
-
   ok = ('float', 'simulate') if real else ('float',)
-  idx, selected = _select(
+  idx, selected = select_layers(
       model,
       where,
       expected_count,
-      lambda t, info: base_kind(t, info) in ok,
+      lambda t, kind: (kind_of(t.wrapped) if kind == 'lora' else kind) in ok,
       action,
       'already quantized' + ('' if real else ' or simulated'),
+      full=real,
   )
+  if real:
+    for t in selected:
+      _refuse_shared_kernel(idx, base_of(t), t, 'quantize',
+                            'quantizing one user would silently untie them')
   if dry_run:
-    return [_path_str(idx.first_path[id(t)]) for t in selected]
-  from peft.nnx import quantized as _q  # pylint: disable=g-import-not-at-top
-
-  prefix = 'Int4' if real else 'SimulateQuantized'
-  peft = _peft_classes()
+    return [graph.path_str(idx.first_path[id(t)]) for t in selected]
   replacements = {}
   for t in selected:
-    base = _base_of(t, peft)
-    geometry = _classify(base, peft).geometry
-    suffix = {
-        'linear': 'Linear',
-        'einsum': 'Einsum',
-        'linear_general': 'LinearGeneral',
-    }[geometry]
-    cls = getattr(_q, prefix + suffix)
-    if real:  # from_float also accepts a SimulateQuantized* layer.
+    base = base_of(t)
+    cls = _quantized_class(base, real)
+    if real:  # from_float also accepts a SimulateQuantized layer.
       new = cls.from_float(base, method=method)
     else:
       new = cls(base, method=method)
     # The base object is replaced wherever it appears: at the top level, or as
     # `wrapper.wrapped` inside a LoRA wrapper (which keeps its adapter).
     replacements[id(base)] = new
-  return _install(model, replacements)
+  return graph.install(model, replacements)
+
+
+def _kernel_variable(layer) -> nnx.Variable | None:
+  """The float kernel variable of a float or simulated layer."""
+  if isinstance(layer, _q.SimulateQuantized):
+    layer = layer.wrapped
+  entry = registry.layer_type(layer)
+  var = getattr(layer, entry.kernel, None) if entry else None
+  return var if isinstance(var, nnx.Variable) else None
+
+
+def _refuse_shared_kernel(idx, base, wrapper, action: str, why: str) -> None:
+  """Raises when `base`'s kernel is also used by another module."""
+  kernel = _kernel_variable(base)
+  if kernel is None:
+    return
+  float_layer = base.wrapped if isinstance(base, _q.SimulateQuantized) else (
+      base)
+  owners = set(idx.var_owners.get(id(kernel), [])) - {id(float_layer)}
+  if owners:
+    users = sorted(graph.path_str(idx.first_path[o]) for o in owners
+                   if o in idx.first_path)
+    path = graph.path_str(idx.first_path[id(wrapper or base)])
+    raise ValueError(
+        f'{action}: the kernel of {path!r} is shared with'
+        f' {", ".join(users) or "another module"} (tied weights); {why}.'
+        ' Untie them first, or leave this layer out of `where`.'
+    )
 
 
 def simulate_quantization(
@@ -860,14 +474,6 @@ def quantize(
   return _quantize_op(model, method, where, expected_count, dry_run, True)
 
 
-def _kernel_var(base: Any, info: _Layer) -> nnx.Variable:
-  if info.kind == 'float':
-    return base.kernel
-  if info.kind == 'simulate':
-    return base.wrapped.kernel
-  return base.values
-
-
 def merge_lora(
     model: Any,
     *,
@@ -918,40 +524,39 @@ def merge_lora(
     >>> type(model.layers[0]).__name__
     'Linear'
   """
-  idx, selected = _select(
+  idx, selected = select_layers(
       model,
       where,
       expected_count,
-      lambda t, info: info.kind == 'lora',
+      lambda t, kind: kind == 'lora',
       'merge_lora',
       'have no LoRA adapter',
       full=True,
   )
-  peft = _peft_classes()
   plan = []
   for wrapper in selected:
-    path = _path_str(idx.first_path[id(wrapper)])
+    path = graph.path_str(idx.first_path[id(wrapper)])
     base = wrapper.wrapped
-    info = _classify(base, peft)
-    if info is None:
+    kind = kind_of(base)
+    if kind is None:
       raise TypeError(
           f'merge_lora: the layer wrapped at {path!r} is a'
           f' {type(base).__name__}, which merge_lora cannot fold into.'
       )
-    if info.kind != 'float' and not dequantize:
+    if kind != 'float' and not dequantize:
       raise ValueError(
           f'merge_lora: the base layer at {path!r} is quantized'
           f' ({type(base).__name__}); folding the adapter needs a float kernel.'
           ' Pass dequantize=True to merge into the dequantized kernel (the'
           ' result is a float layer), or keep the adapter separate.'
       )
-    kernel = _kernel_var(base, info)
+    kernel = (base.values if kind == 'int4' else _kernel_variable(base))
     owners = set(idx.var_owners.get(id(kernel), []))
     base_parents = {p for p, _ in idx.edges.get(id(base), [])}
     if not allow_shared and (len(owners) > 1 or base_parents != {id(wrapper)}):
       users = sorted(
           {
-              _path_str(idx.first_path[o])
+              graph.path_str(idx.first_path[o])
               for o in owners | base_parents
               if o is not None and o != id(wrapper) and o in idx.first_path
           }
@@ -963,36 +568,36 @@ def merge_lora(
           ' allow_shared=True to merge anyway (this layer gets its own merged'
           ' kernel; the other keeps the original).'
       )
-    plan.append((wrapper, base, info))
+    plan.append((wrapper, base, kind))
   if dry_run:
-    return [_path_str(idx.first_path[id(w)]) for w, _, _ in plan]
+    return [graph.path_str(idx.first_path[id(w)]) for w, _, _ in plan]
 
   replacements = {}
-  for wrapper, base, info in plan:
+  for wrapper, base, kind in plan:
     delta = jnp.asarray(wrapper.delta(), jnp.float32)
-    if info.kind == 'float':
+    if kind == 'float':
       new = _shallow_clone(base)
-      old = base.kernel
+      old = _kernel_variable(base)
       old_value = old.get_value()
-    elif info.kind == 'int4':
+    elif kind == 'int4':
       new = base.to_float()
-      old = new.kernel
+      old = _kernel_variable(new)
       old_value = old.get_value()
-    else:  # simulate: the function the model computes uses the fake-quantized kernel.
+    else:  # simulate: the model computes with the fake-quantized kernel.
       new = _shallow_clone(base.wrapped)
-      old = new.kernel
+      old = _kernel_variable(new)
       old_value = _simulated_kernel(base)
     if tuple(delta.shape) != tuple(old_value.shape):
       raise ValueError(
           f'merge_lora: adapter delta shape {tuple(delta.shape)} does not match'
           f' kernel shape {tuple(old_value.shape)} at'
-          f' {_path_str(idx.first_path[id(wrapper)])!r}.'
+          f' {graph.path_str(idx.first_path[id(wrapper)])!r}.'
       )
     dtype = old.get_value().dtype
     merged = (jnp.asarray(old_value, jnp.float32) + delta).astype(dtype)
-    new.kernel = old.replace(merged)
+    setattr(new, registry.layer_type(new).kernel, old.replace(merged))
     replacements[id(wrapper)] = new
-  return _install(model, replacements)
+  return graph.install(model, replacements)
 
 
 def _shallow_clone(module: Any) -> Any:
@@ -1012,11 +617,12 @@ def _simulated_kernel(layer: Any) -> jax.Array:
   return fn()
 
 
-def lora_state(model: Any) -> nnx.State:
+def lora_state(model: Any, name: str | None = None) -> nnx.State:
   """The adapters' parameters only (`nnx.LoRAParam`), as an `nnx.State`.
 
   This is what to save after LoRA fine-tuning; restore with
-  `nnx.update(model, state)` on a model with the same adapters.
+  `nnx.update(model, state)` on a model with the same adapters. With `name`,
+  only that named adapter's parameters.
 
   Examples:
     >>> from flax import nnx
@@ -1026,7 +632,17 @@ def lora_state(model: Any) -> nnx.State:
     >>> sorted(surgery.lora_state(model)['layers'][0]['lora'].keys())
     ['a', 'b']
   """
-  state = nnx.state(model, nnx.LoRAParam)
+  if not isinstance(model, nnx.Module):
+    raise TypeError(
+        f'lora_state: model must be an nnx.Module, got {type(model).__name__}'
+    )
+  if name is None:
+    state = nnx.state(model, nnx.LoRAParam)
+  else:
+    prefixes = _adapter_prefixes(model, name)
+    keep = lambda path, x: isinstance(x, nnx.LoRAParam) and any(
+        tuple(path[:len(p)]) == p for p in prefixes)
+    state = nnx.state(model, keep)
   if not jax.tree.leaves(state):
     raise ValueError(
         'lora_state: the model has no nnx.LoRAParam (no adapters); call'
@@ -1035,167 +651,15 @@ def lora_state(model: Any) -> nnx.State:
   return state
 
 
-# --------------------------------------------------------------------------
-# Summary.
-# --------------------------------------------------------------------------
-
-
-def _array_bytes(x: Any) -> int:
-  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-    return int(jax.random.key_data(x).nbytes)
-  dtype = jnp.dtype(x.dtype)
-  size = int(np.prod(x.shape, dtype=np.int64))
-  if jnp.issubdtype(dtype, jnp.integer) and jnp.iinfo(dtype).bits < 8:
-    return math.ceil(size * jnp.iinfo(dtype).bits / 8)
-  return size * dtype.itemsize
-
-
-def _value_counts(value: Any) -> tuple[int, int]:
-  """(number of weights, real bytes) of a Variable's value."""
-  elems, nbytes = 0, 0
-  for leaf in jax.tree.leaves(value):
-    if hasattr(leaf, 'shape') and hasattr(leaf, 'dtype'):
-      elems += int(np.prod(leaf.shape, dtype=np.int64))
-      nbytes += _array_bytes(leaf)
-  return elems, nbytes
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamSummary:
-  """Parameter counts and real storage of a model (see `summary`).
-
-  Attributes:
-    total: number of weights (`trainable + frozen`).
-    trainable: weights in `nnx.LoRAParam` (what LoRA fine-tuning trains).
-    frozen: the other `nnx.Param` weights plus the (logical) weights held
-      quantized by `Int4*` layers.
-    total_bytes / trainable_bytes / frozen_bytes: real storage; int4 counts
-      0.5 byte per value (JAX reports 1), quantized weights count their values
-      plus scales.
-    other: elements of non-parameter variables (LoRA scales, batch stats, RNG
-      state, ...); `other_bytes` their bytes (not in `total_bytes`).
-    layers: number of layers per kind, wrappers spelled out, e.g.
-      `{'LoRALinear(Int4Linear)': 4, 'Linear': 2}`.
-
-  Examples:
-    >>> s = ParamSummary(10, 2, 8, 40, 8, 32, 0, 0, {})
-    >>> s.trainable_fraction
-    0.2
-  """
-
-  total: int
-  trainable: int
-  frozen: int
-  total_bytes: int
-  trainable_bytes: int
-  frozen_bytes: int
-  other: int
-  other_bytes: int
-  layers: dict[str, int]
-
-  @property
-  def trainable_fraction(self) -> float:
-    return self.trainable / self.total if self.total else 0.0
-
-  def __str__(self) -> str:
-    rows = [
-        ('trainable (LoRA)', self.trainable, self.trainable_bytes),
-        ('frozen', self.frozen, self.frozen_bytes),
-        ('total', self.total, self.total_bytes),
-    ]
-    lines = [f'{"":<18}{"params":>14}{"bytes":>14}']
-    for name, n, b in rows:
-      lines.append(f'{name:<18}{n:>14,}{format_bytes(b):>14}')
-    lines.append(f'trainable fraction: {100 * self.trainable_fraction:.3f}%')
-    if self.other:
-      lines.append(
-          f'non-parameter variables: {self.other:,} values,'
-          f' {format_bytes(self.other_bytes)}'
-      )
-    if self.layers:
-      lines.append(
-          'layers: ' + ', '.join(f'{k} x{v}' for k, v in sorted(self.layers.items()))
-      )
-    return '\n'.join(lines)
-
-
-def _describe(layer: Any, peft) -> str:
-  """'LoRALinear(Int4Linear)'-style name of a (wrapped) layer."""
-  name = type(layer).__name__
-  info = _classify(layer, peft)
-  inner = getattr(layer, 'wrapped', None)
-  if info is not None and info.kind in ('lora', 'simulate') and inner is not None:
-    return f'{name}({_describe(inner, peft)})'
-  return name
-
-
-def summary(model: Any) -> ParamSummary:
-  """Counts parameters (total / trainable LoRA / frozen) and real bytes.
-
-  Each `Variable` is counted once even if shared. Int4 values count 0.5 byte
-  (JAX's `nbytes` reports 1 byte for `jnp.int4`); quantized weights count their
-  packed values plus scales (`QArray.nbytes`). `print(summary(model))` shows a
-  small table.
-
-  Examples:
-    >>> from flax import nnx
-    >>> from peft.nnx import surgery
-    >>> model = nnx.Linear(4, 4, rngs=nnx.Rngs(0))
-    >>> s = surgery.summary(model)
-    >>> s.total, s.trainable, s.total_bytes
-    (20, 0, 80)
-  """
-  from peft.nnx.quantized import QuantizedWeight  # pylint: disable=g-import-not-at-top
-
-  peft = _peft_classes()
-  idx = _index(model, peft)
-  trainable = frozen = other = 0
-  trainable_b = frozen_b = other_b = 0
-  storage: set[int] = set()
-  for m in idx.modules:  # Int4* layers: logical weights + packed bytes
-    values = getattr(m, 'values', None)
-    if (isinstance(values, QuantizedWeight) and hasattr(m, 'qarray')
-        and id(values) not in storage):
-      storage.add(id(values))
-      frozen += int(np.prod(m.kernel_shape, dtype=np.int64))
-      frozen_b += int(m.nbytes)
-  for var in idx.variables:
-    if isinstance(var, QuantizedWeight):
-      continue  # counted with its layer above
-    n, b = _value_counts(var.get_value())
-    if isinstance(var, nnx.LoRAParam):
-      trainable += n
-      trainable_b += b
-    elif isinstance(var, nnx.Param):
-      frozen += n
-      frozen_b += b
-    else:
-      other += n
-      other_b += b
-  layers: dict[str, int] = {}
-  for m in idx.tops:
-    name = _describe(m, peft)
-    layers[name] = layers.get(name, 0) + 1
-  return ParamSummary(
-      total=trainable + frozen,
-      trainable=trainable,
-      frozen=frozen,
-      total_bytes=trainable_b + frozen_b,
-      trainable_bytes=trainable_b,
-      frozen_bytes=frozen_b,
-      other=other,
-      other_bytes=other_b,
-      layers=layers,
-  )
-
-
-def param_counts(model: Any) -> ParamSummary:
-  """Same as `summary` (an alias kept for discoverability).
-
-  Examples:
-    >>> from flax import nnx
-    >>> from peft.nnx import surgery
-    >>> surgery.param_counts(nnx.Linear(2, 2, rngs=nnx.Rngs(0))).total
-    6
-  """
-  return summary(model)
+def _adapter_prefixes(model, name: str) -> list[tuple]:
+  """State paths of adapter `name` in every wrapper (all paths to it)."""
+  idx = graph.index(model, kind_of, full=False)
+  prefixes = []
+  for t in idx.tops:
+    if isinstance(t, _lora.LoRA) and name in t.adapter_names:
+      rel = (('lora',) if name == t.adapter_names[0]
+             else ('adapters', name))
+      prefixes += [tuple(p) + rel for p in graph.all_paths(idx, id(t))]
+  if not prefixes:
+    raise ValueError(f'lora_state: no adapter named {name!r} in the model')
+  return prefixes

@@ -35,6 +35,8 @@ from flax import nnx
 from treescope import formatting_util
 from treescope import rendering_parts as rp
 
+from peft import _compat
+
 __all__ = [
     'describe',
     'lora_treescope_repr',
@@ -220,11 +222,11 @@ def _children(self: Any, names: list[str], path: str | None,
 def _attr_names(self: Any, first: tuple[str, ...]) -> list[str]:
   """Public data attributes, `first` ones first (the NNX rendering's set)."""
   names = [n for n in first if n in vars(self)]
-  nodes = getattr(self, '_pytree__nodes', {})
   for name in vars(self):
-    if name in names or str(name).startswith('_pytree__'):
+    if name in names or _compat.is_internal_attribute(name):
       continue
-    if str(name).startswith('_') and not nodes.get(str(name), False):
+    if str(name).startswith('_') and not _compat.is_data_attribute(
+        self, str(name)):
       continue
     names.append(name)
   return names
