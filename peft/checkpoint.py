@@ -490,7 +490,14 @@ def restore_model(directory: Any, model: nnx.Module) -> nnx.Module:
 def _wrapper_types() -> tuple[type, ...]:
   from peft.nnx import lora  # pylint: disable=g-import-not-at-top
 
+  base = getattr(lora, 'LoRA', None)  # the one wrapper class all derive from
+  if base is not None:
+    return (base,)
   return (lora.LoRALinear, lora.LoRAEinsum, lora.LoRALinearGeneral)
+
+
+def _adapter_names(wrapper: Any) -> tuple[str, ...]:
+  return tuple(getattr(wrapper, 'adapter_names', None) or ('default',))
 
 
 def _base_method(layer: Any) -> str:
@@ -690,10 +697,21 @@ def save_adapter(
         'model: has no LoRA wrappers to save; call'
         ' surgery.apply_lora(model, rank=..., rngs=...) first'
     )
+  several = [f'{_show(p)}: {list(_adapter_names(w))}' for p, w in wrappers
+             if len(_adapter_names(w)) > 1]
+  if several:
+    raise ValueError(
+        'model: save_adapter saves one adapter per layer, and these layers'
+        ' hold several named adapters: ' + '; '.join(several[:5])
+        + ('; ...' if len(several) > 5 else '')
+        + '; keep one per layer first (peft.nnx.delete_adapter, or'
+        ' combine_adapters into one)'
+    )
   targets, fingerprint = [], []
   for path, w in wrappers:
     ad = w.lora
     targets.append({
+        'name': _adapter_names(w)[0],
         'path': [_json_key(k) for k in path],
         'type': type(w).__name__,
         'base': type(w.wrapped).__name__,
@@ -826,6 +844,8 @@ def read_adapter_config(directory: Any) -> dict[str, Any]:
                           f' got {t.get(key)!r}')
       if not isinstance(t.get('alpha'), (int, float, type(None))):
         problems.append(f'layers[{i}].alpha must be a number or null')
+      if not isinstance(t.get('name', 'default'), str):
+        problems.append(f'layers[{i}].name must be a string')
   for key, typ in (('checksums', dict), ('base_fingerprint', list)):
     if key in config and not isinstance(config[key], typ):
       problems.append(f'"{key}" must be a {typ.__name__}')
@@ -850,13 +870,16 @@ def _apply(model: Any, layers: Sequence[dict[str, Any]], rngs: nnx.Rngs) -> Any:
 
   groups: dict[tuple[Any, ...], set[tuple[str, ...]]] = {}
   for t in layers:
-    key = (t['rank'], t['alpha'], t['use_rslora'])
+    name = t.get('name')
+    key = (t['rank'], t['alpha'], t['use_rslora'],
+           None if name in (None, 'default') else name)
     groups.setdefault(key, set()).add(_norm(tuple(t['path'])))
-  for (rank, alpha, use_rslora), paths in groups.items():
+  for (rank, alpha, use_rslora, name), paths in groups.items():
+    named = {} if name is None else {'name': name}
     surgery.apply_lora(
         model, rank=rank, alpha=alpha, use_rslora=use_rslora,
         where=lambda path, module, paths=paths: _norm(tuple(path)) in paths,
-        expected_count=len(paths), rngs=rngs,
+        expected_count=len(paths), rngs=rngs, **named,
     )
   return model
 

@@ -731,3 +731,21 @@ def test_stacked_layers_keep_one_saved_scale_per_slice(tmp_path):
                                 [1.0, 5.0, -2.0])
   x = jnp.ones((2, 8))
   np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def test_named_adapter_keeps_its_name_and_several_are_refused(tmp_path):
+  import peft.nnx as pnnx  # pylint: disable=g-import-not-at-top
+  model = _Net(nnx.Rngs(0))
+  base = nnx.clone(model)
+  pnnx.apply_lora(model, rank=2, where='proj', name='task', rngs=nnx.Rngs(1))
+  model.proj.lora.b[...] = jnp.ones_like(model.proj.lora.b[...])
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert config['layers'][0]['name'] == 'task'
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  assert pnnx.list_adapters(loaded) == ['task']
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+  pnnx.apply_lora(model, rank=2, where='proj', name='other', rngs=nnx.Rngs(2))
+  with pytest.raises(ValueError, match=r"proj: \['task', 'other'\]"):
+    checkpoint.save_adapter(tmp_path / 'two', model)
+  assert not (tmp_path / 'two').exists()
