@@ -168,7 +168,8 @@ def _compare(
   raise ValueError('\n'.join(lines))
 
 
-def _damaged(path: str, error: BaseException, what: str = 'checkpoint') -> ValueError:
+def _damaged(path: str, error: BaseException,
+             what: str = 'checkpoint') -> ValueError:
   return ValueError(
       f'directory: {what} file {path} is damaged or truncated'
       f' ({type(error).__name__}: {error}); save it again (the model was not'
@@ -577,7 +578,9 @@ def _sample_checksum(x: Any) -> float | None:
   values = sample.astype(np.float64)
   values = np.where(np.isfinite(values), values, 0.0)
   weights = 1.0 + np.arange(values.size) % 7
-  return float(np.sum(values * weights))
+  with np.errstate(over='ignore', invalid='ignore'):
+    total = float(np.sum(values * weights))
+  return total if np.isfinite(total) else None  # None: not compared
 
 
 def _fingerprint(path: Path, layer: Any) -> list[dict[str, Any]]:
@@ -747,18 +750,28 @@ def save_adapter(
       'base_fingerprint': fingerprint,
       'metadata': metadata or {},
   }
-  try:
-    text = json.dumps(config, indent=2, allow_nan=False) + '\n'
-  except (TypeError, ValueError) as e:  # before anything is written
+  try:  # before anything is written
+    json.dumps(config['metadata'], allow_nan=False)
+  except (TypeError, ValueError) as e:
     raise TypeError(
         f'metadata: must be JSON-serialisable (finite numbers, str, lists,'
         f' dicts): {e}'
     ) from e
+  bad_scale = [_show(t['path']) for t in targets
+               if not np.all(np.isfinite(np.asarray(
+                   t['scale'] if t['scale'] is not None else 0.0)))]
+  if bad_scale:
+    raise ValueError(
+        f'model: the LoRA scale of {bad_scale} is not finite; set a finite'
+        ' `layer.lora.scale[...]` before saving'
+    )
+  text = json.dumps(config, indent=2, allow_nan=False) + '\n'
 
   _recover(directory)
   params_dir = os.path.join(directory, ADAPTER_PARAMS)
   config_path = os.path.join(directory, ADAPTER_CONFIG)
-  if (os.path.exists(params_dir) or os.path.exists(config_path)) and not overwrite:
+  exists = os.path.exists(params_dir) or os.path.exists(config_path)
+  if exists and not overwrite:
     raise ValueError(
         f'directory: {directory} already holds an adapter; pass'
         ' overwrite=True to replace it or choose a new directory'

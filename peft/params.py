@@ -224,7 +224,7 @@ def _lora_delta(kernel: Any, lora: Any, path: tuple, fn: str) -> jax.Array:
 
 
 def _scaled(delta: jax.Array, scale: Any) -> jax.Array:
-  """`scale * delta`, rounded once in delta's dtype (same in fuse and unfuse)."""
+  """`scale * delta`, rounded once in delta's dtype (as in fuse and unfuse)."""
   return delta * jnp.asarray(scale, delta.dtype)
 
 

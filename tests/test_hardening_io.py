@@ -100,6 +100,13 @@ def _save_twice(**kwargs):
     checkpoint.save_adapter(d + '/ad', _lora_mlp(), **kwargs)
 
 
+def _save_nan_scale():
+  model = _lora_mlp()
+  model.up.lora.scale[...] = float('nan')
+  with tempfile.TemporaryDirectory() as d:
+    checkpoint.save_adapter(d + '/ad', model)
+
+
 def _save_onto_file():
   with tempfile.TemporaryDirectory() as d:
     pathlib.Path(d, 'ad').write_text('a file')
@@ -187,6 +194,8 @@ _BAD_IO = [
         lambda: checkpoint.save_adapter(tempfile.mkdtemp() + '/a', _lora_mlp(),
                                         metadata={'f': object()}),
         ('metadata', 'JSON'), (TypeError,)),
+    Bad('checkpoint/save_adapter_nan_scale', _save_nan_scale,
+        ('model', 'up', 'scale', 'finite'), (ValueError,)),
     Bad('checkpoint/save_adapter_exists', _save_twice, ('overwrite=True',),
         (ValueError,)),
     Bad('checkpoint/save_adapter_onto_file', _save_onto_file,
