@@ -566,15 +566,17 @@ def _sample_checksum(x: Any) -> float | None:
   if n == 0:
     return 0.0
   stride = max(1, n // _SAMPLE)
-  if isinstance(x, jax.core.Tracer):
-    return None
-  if isinstance(x, jax.Array) and not (
-      len(x.devices()) == 1 and next(iter(x.devices())).platform == 'cpu'
-  ):
-    # Sample on the device: only ~1024 values travel to the host.
-    sample = np.asarray(jax.device_get(jax.numpy.ravel(x)[::stride]))
-  else:  # numpy, or a CPU array numpy reads without a copy
-    sample = np.ravel(np.asarray(x))[::stride]
+  try:
+    if isinstance(x, jax.Array) and not (
+        len(x.devices()) == 1 and next(iter(x.devices())).platform == 'cpu'
+    ):
+      # Sample on the device: only ~1024 values travel to the host.
+      sample = np.asarray(jax.device_get(jax.numpy.ravel(x)[::stride]))
+    else:  # numpy, or a CPU array numpy reads without a copy
+      sample = np.ravel(np.asarray(x))[::stride]
+  except (jax.errors.TracerArrayConversionError,
+          jax.errors.ConcretizationTypeError):
+    return None  # traced: no values
   values = sample.astype(np.float64)
   values = np.where(np.isfinite(values), values, 0.0)
   weights = 1.0 + np.arange(values.size) % 7

@@ -142,9 +142,11 @@ def _check_scale(scale: Any, fn: str) -> Any:
           f'{fn}: scale must be a scalar, got an array of shape '
           f'{tuple(scale.shape)}; pass one number for the whole tree.'
       )
-    if isinstance(scale, jax.core.Tracer):
+    try:
+      value = float(np.asarray(scale))
+    except (jax.errors.TracerArrayConversionError,
+            jax.errors.ConcretizationTypeError):
       return scale  # Traced under jit: its value cannot be checked here.
-    value = float(np.asarray(scale))
   else:
     raise TypeError(f'{fn}: scale must be {accepts}; got '
                     f'{type(scale).__name__} {scale!r}.')
