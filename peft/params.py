@@ -21,10 +21,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 import math
+import numbers
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ['split_params', 'merge_params', 'fuse_params', 'unfuse_params']
 
@@ -66,29 +68,25 @@ def _check_tree(params: Any, argname: str) -> None:
     )
 
 
-def _split(node: Mapping, path: tuple) -> tuple[Mapping | None, Mapping | None]:
-  """Returns (original, lora) for `node`; None means 'empty, drop it'."""
+def _split(node: Mapping) -> tuple[Mapping, Mapping | None]:
+  """Returns (original, lora) for `node`; a lora of None means 'no LoRA here'.
+
+  As in `gemma.peft`, every branch of the input stays on the original side
+  (a branch that holds only ``'lora'`` becomes an empty branch there) and the
+  LoRA side keeps only the paths that lead to a ``'lora'`` key.
+  """
   original, lora = {}, {}
   for key, value in node.items():
     if key == _LORA:
       lora[key] = value  # The whole subtree under 'lora' goes to the lora side.
     elif _is_branch(value):
-      if not value:
-        # An empty branch in the input holds no LoRA: keep it on the original
-        # side so that merge_params(*split_params(p)) == p.
-        original[key] = value
-        continue
-      sub_original, sub_lora = _split(value, path + (key,))
-      if sub_original is not None:
-        original[key] = sub_original
+      sub_original, sub_lora = _split(value)
+      original[key] = sub_original
       if sub_lora is not None:
         lora[key] = sub_lora
     else:
       original[key] = value
-  return (
-      _rebuild(node, original) if original else None,
-      _rebuild(node, lora) if lora else None,
-  )
+  return _rebuild(node, original), (_rebuild(node, lora) if lora else None)
 
 
 def _merge(original: Mapping, lora: Mapping, path: tuple) -> Mapping:
@@ -109,22 +107,70 @@ def _merge(original: Mapping, lora: Mapping, path: tuple) -> Mapping:
   return _rebuild(original, out)
 
 
-def _array_info(x: Any, what: str, path: tuple) -> tuple[tuple[int, ...], Any]:
+def _array_info(
+    x: Any, what: str, path: tuple, fn: str
+) -> tuple[tuple[int, ...], Any]:
   shape, dtype = getattr(x, 'shape', None), getattr(x, 'dtype', None)
   if shape is None or dtype is None:
-    raise ValueError(
-        f'{what} at {_path_str(path)!r} must be an array, got '
-        f'{type(x).__name__}.'
+    raise TypeError(
+        f'{fn}: {what} at {_path_str(path)!r} must be an array (jax or numpy),'
+        f' got {type(x).__name__}.'
     )
   return tuple(shape), dtype
 
 
+def _check_scale(scale: Any, fn: str) -> Any:
+  """Returns `scale` as a float32-or-wider scalar; TypeError / ValueError."""
+  accepts = (
+      'a real number (int or float) or a scalar float array, e.g. '
+      'scale=alpha / rank'
+  )
+  if isinstance(scale, (bool, np.bool_)) or (
+      getattr(scale, 'dtype', None) == np.dtype(bool)
+  ):
+    raise TypeError(f'{fn}: scale must be {accepts}; got a bool.')
+  if isinstance(scale, numbers.Real):
+    value = float(scale)
+  elif hasattr(scale, 'shape') and hasattr(scale, 'dtype'):
+    if not (jnp.issubdtype(scale.dtype, jnp.floating)
+            or jnp.issubdtype(scale.dtype, jnp.integer)):
+      raise TypeError(
+          f'{fn}: scale must be {accepts}; got an array of dtype {scale.dtype}.'
+      )
+    if tuple(scale.shape) != ():
+      raise ValueError(
+          f'{fn}: scale must be a scalar, got an array of shape '
+          f'{tuple(scale.shape)}; pass one number for the whole tree.'
+      )
+    try:
+      value = float(np.asarray(scale))
+    except (jax.errors.TracerArrayConversionError,
+            jax.errors.ConcretizationTypeError):
+      return scale  # Traced under jit: its value cannot be checked here.
+  else:
+    raise TypeError(f'{fn}: scale must be {accepts}; got '
+                    f'{type(scale).__name__} {scale!r}.')
+  if not math.isfinite(value):
+    raise ValueError(
+        f'{fn}: scale must be finite, got scale={value!r} (it would make '
+        'every fused kernel non-finite).'
+    )
+  return value
+
+
+def _compute_dtype(kernel_dtype: Any) -> Any:
+  """float32, or float64 for float64 kernels when jax runs with x64."""
+  return jax.dtypes.canonicalize_dtype(
+      jnp.promote_types(kernel_dtype, jnp.float32)
+  )
+
+
 def _lora_delta(kernel: Any, lora: Any, path: tuple, fn: str) -> jax.Array:
-  """Returns a @ b in float32, shaped like `kernel`; validates the layout."""
+  """Returns a @ b in the compute dtype, shaped like `kernel`; validates it."""
   where = _path_str(path)
   if not _is_branch(lora):
-    raise ValueError(
-        f'{fn}: {where!r}/lora must be a branch {{"a": A, "b": B}}, got '
+    raise TypeError(
+        f'{fn}: {where}/lora must be a branch {{"a": A, "b": B}}, got '
         f'{type(lora).__name__}.'
     )
   keys = set(lora.keys())
@@ -135,14 +181,20 @@ def _lora_delta(kernel: Any, lora: Any, path: tuple, fn: str) -> jax.Array:
         f'{fn}: {where}/lora must hold exactly the leaves "a" and "b" '
         f'(missing {missing}, unexpected {extra}).'
     )
-  k_shape, k_dtype = _array_info(kernel, 'kernel', path + (_KERNEL,))
-  a_shape, _ = _array_info(lora['a'], 'lora a', path + (_LORA, 'a'))
-  b_shape, _ = _array_info(lora['b'], 'lora b', path + (_LORA, 'b'))
+  k_shape, k_dtype = _array_info(kernel, 'kernel', path + (_KERNEL,), fn)
+  a_shape, a_dtype = _array_info(lora['a'], 'lora a', path + (_LORA, 'a'), fn)
+  b_shape, b_dtype = _array_info(lora['b'], 'lora b', path + (_LORA, 'b'), fn)
   if not jnp.issubdtype(k_dtype, jnp.floating):
-    raise ValueError(
+    raise TypeError(
         f'{fn}: kernel at {where!r} has dtype {k_dtype}; LoRA can only be '
         'fused into a float kernel (fuse before quantizing).'
     )
+  for name, dtype in (('a', a_dtype), ('b', b_dtype)):
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise TypeError(
+          f'{fn}: {where}/lora/{name} has dtype {dtype}; LoRA factors must '
+          'be float arrays.'
+      )
   layout = (
       f'kernel {k_shape}, a {a_shape}, b {b_shape}; expected '
       'a=(*batch, *in, r), b=(*batch, r, *out), kernel=(*batch, *in, *out)'
@@ -162,14 +214,20 @@ def _lora_delta(kernel: Any, lora: Any, path: tuple, fn: str) -> jax.Array:
       or k_shape != batch + in_shape + out_shape
   ):
     raise ValueError(f'{fn}: cannot place the LoRA at {where!r}: {layout}.')
-  a = jnp.asarray(lora['a'], jnp.float32).reshape(
+  dtype = _compute_dtype(k_dtype)
+  a = jnp.asarray(lora['a'], dtype).reshape(
       batch + (math.prod(in_shape), rank)
   )
-  b = jnp.asarray(lora['b'], jnp.float32).reshape(
+  b = jnp.asarray(lora['b'], dtype).reshape(
       batch + (rank, math.prod(out_shape))
   )
   delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
   return delta.reshape(k_shape)
+
+
+def _scaled(delta: jax.Array, scale: Any) -> jax.Array:
+  """`scale * delta`, rounded once in delta's dtype (as in fuse and unfuse)."""
+  return delta * jnp.asarray(scale, delta.dtype)
 
 
 def _fuse(node: Mapping, path: tuple, scale: Any, found: list) -> Mapping:
@@ -190,8 +248,8 @@ def _fuse(node: Mapping, path: tuple, scale: Any, found: list) -> Mapping:
       )
     kernel = node[_KERNEL]
     delta = _lora_delta(kernel, node[_LORA], path, 'fuse_params')
-    fused = jnp.asarray(kernel, jnp.float32) + scale * delta
-    out[_KERNEL] = fused.astype(kernel.dtype)
+    fused = jnp.asarray(kernel, delta.dtype) + _scaled(delta, scale)
+    out[_KERNEL] = fused.astype(jax.dtypes.canonicalize_dtype(kernel.dtype))
     found.append(path)
   return _rebuild(node, out)
 
@@ -219,8 +277,8 @@ def _unfuse(fused: Any, lora: Mapping, path: tuple, scale: Any) -> Mapping:
         )
       kernel = fused[_KERNEL]
       delta = _lora_delta(kernel, value, path, 'unfuse_params')
-      base = jnp.asarray(kernel, jnp.float32) - scale * delta
-      out[_KERNEL] = base.astype(kernel.dtype)
+      base = jnp.asarray(kernel, delta.dtype) - _scaled(delta, scale)
+      out[_KERNEL] = base.astype(jax.dtypes.canonicalize_dtype(kernel.dtype))
       out[_LORA] = value
     elif not _is_branch(value):
       raise ValueError(
@@ -251,48 +309,57 @@ def _has_lora(node: Mapping) -> bool:
 
 
 def split_params(params: Params) -> tuple[Params, Params]:
-  """Splits a params tree into (original params, LoRA params).
+  """Splits a params tree into (original params, LoRA params), exactly.
 
   Every subtree under a key named ``'lora'`` (with the path leading to it) goes
-  to the LoRA tree; everything else to the original tree. Branches left empty
-  on one side are dropped from that side (a branch holding only ``'lora'`` is
-  absent from the original tree); empty branches of the input stay on the
-  original side, so ``merge_params(*split_params(p)) == p``.
+  to the LoRA tree; everything else to the original tree. The layout is the
+  one of the original ``gemma.peft``: every branch of the input stays in the
+  original tree, so a branch that holds only ``'lora'`` is an empty branch
+  there, and empty branches of the input stay on the original side; the LoRA
+  tree holds only the paths that lead to a ``'lora'`` key. Both trees then have
+  the input's structure minus the other side's leaves, and
+  ``merge_params(*split_params(p)) == p`` exactly (no value is touched).
 
-  Example:
+  (Unlike ``gemma.peft``, which drops them, a non-branch ``'lora'`` leaf and
+  empty branches inside a ``'lora'`` subtree are kept on the LoRA side, so that
+  the round trip is exact for every tree.)
 
-  ```python
-  params = {'dense': {'kernel': 0, 'bias': 1, 'lora': {'a': 0, 'b': 1}},
-            'other': 0}
-  original, lora = split_params(params)
-  # original == {'dense': {'kernel': 0, 'bias': 1}, 'other': 0}
-  # lora == {'dense': {'lora': {'a': 0, 'b': 1}}}
-  ```
+  Examples:
+    >>> params = {'dense': {'kernel': 0, 'bias': 1, 'lora': {'a': 0, 'b': 1}},
+    ...           'attn': {'lora': {'a': 2, 'b': 3}}, 'other': 0}
+    >>> original, lora = split_params(params)
+    >>> original
+    {'dense': {'kernel': 0, 'bias': 1}, 'attn': {}, 'other': 0}
+    >>> lora
+    {'dense': {'lora': {'a': 0, 'b': 1}}, 'attn': {'lora': {'a': 2, 'b': 3}}}
+    >>> merge_params(original, lora) == params
+    True
 
   Args:
     params: nested mapping (``dict``, ``FrozenDict``, ...) with any leaves.
 
   Returns:
     ``(original, lora)``, each of the same mapping kind as ``params``.
+
+  Raises:
+    TypeError: if ``params`` is not a mapping.
   """
   _check_tree(params, 'params')
-  original, lora = _split(params, ())
-  empty = _rebuild(params, {})
-  return (
-      original if original is not None else empty,
-      lora if lora is not None else empty,
-  )
+  original, lora = _split(params)
+  return original, lora if lora is not None else _rebuild(params, {})
 
 
 def merge_params(original: Params, lora: Params) -> Params:
-  """Merges two params trees into one; the inverse of `split_params`.
+  """Merges two params trees into one; the exact inverse of `split_params`.
 
-  Example:
+  Branches present in both trees are merged recursively (an empty branch of
+  ``original`` takes the LoRA subtree of ``lora``); leaves are shared, never
+  copied or changed, so ``merge_params(*split_params(p)) == p`` bit for bit.
 
-  ```python
-  merge_params({'dense': {'kernel': 0}}, {'dense': {'lora': {'a': 0}}})
-  # == {'dense': {'kernel': 0, 'lora': {'a': 0}}}
-  ```
+  Examples:
+    >>> merge_params({'dense': {'kernel': 0}, 'attn': {}},
+    ...              {'dense': {'lora': {'a': 1}}, 'attn': {'lora': {'a': 2}}})
+    {'dense': {'kernel': 0, 'lora': {'a': 1}}, 'attn': {'lora': {'a': 2}}}
 
   Args:
     original: nested mapping, e.g. the first tree returned by `split_params`.
@@ -302,6 +369,7 @@ def merge_params(original: Params, lora: Params) -> Params:
     The union of both trees, of the same mapping kind as ``original``.
 
   Raises:
+    TypeError: if ``original`` or ``lora`` is not a mapping.
     ValueError: if both trees hold the same path and it is not a branch in
       both (the message names the path).
   """
@@ -317,31 +385,40 @@ def fuse_params(params: Params, *, scale: float = 1.0) -> Params:
   ``{'kernel': K + scale * (A @ B)}`` (``'lora'`` removed), with
   ``A = (*batch, *in, r)``, ``B = (*batch, r, *out)``,
   ``K = (*batch, *in, *out)`` (Dense, DenseGeneral with batch dims, Einsum
-  whose weight string lists batch, reduced, then output axes). The product and
-  the sum are computed in float32 and cast once to the kernel's dtype.
+  whose weight string lists batch, reduced, then output axes). The product,
+  its scaling and the sum are computed in float32 (float64 for float64
+  kernels under ``jax_enable_x64``) and cast once to the kernel's dtype, so a
+  bfloat16 kernel is rounded once, not three times.
 
-  Example:
-
-  ```python
-  params = {'dense': {'kernel': jnp.zeros((4, 3)),
-                      'lora': {'a': jnp.ones((4, 2)), 'b': jnp.ones((2, 3))}}}
-  fuse_params(params)  # {'dense': {'kernel': 2 * jnp.ones((4, 3))}}
-  ```
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> params = {'dense': {'kernel': jnp.zeros((4, 3)), 'bias': jnp.ones(3),
+    ...                     'lora': {'a': jnp.ones((4, 2)),
+    ...                              'b': jnp.ones((2, 3))}}}
+    >>> fused = fuse_params(params, scale=0.5)
+    >>> sorted(fused['dense']), fused['dense']['kernel'][0].tolist()
+    (['bias', 'kernel'], [1.0, 1.0, 1.0])
 
   Args:
     params: params tree holding at least one ``'lora'`` branch.
-    scale: multiplies the LoRA product (e.g. ``alpha / rank``); the document's
+    scale: a real number (or a scalar float array, also a traced one) that
+      multiplies the LoRA product, e.g. ``alpha / rank``; the document's
       default is no scaling (1.0).
 
   Returns:
     The fused params, same mapping kind as ``params``; non-LoRA leaves shared.
 
   Raises:
-    ValueError: if ``params`` has no ``'lora'`` branch, or a LoRA branch cannot
-      be placed (no kernel, missing ``a``/``b``, inconsistent shapes); the
-      message names the ``/``-joined path.
+    TypeError: if ``params`` is not a mapping, ``scale`` is not a real number
+      or scalar array, a kernel / ``a`` / ``b`` is not an array, a ``'lora'``
+      entry is not a branch, or a kernel / factor is not a float array.
+    ValueError: if ``params`` has no ``'lora'`` branch, ``scale`` is not
+      finite or not a scalar, or a LoRA branch cannot be placed (no kernel,
+      missing ``a``/``b``, inconsistent shapes); the message names the
+      ``/``-joined path.
   """
   _check_tree(params, 'params')
+  scale = _check_scale(scale, 'fuse_params')
   found = []
   fused = _fuse(params, (), scale, found)
   if not found:
@@ -353,35 +430,57 @@ def fuse_params(params: Params, *, scale: float = 1.0) -> Params:
 
 
 def unfuse_params(fused: Params, lora: Params, *, scale: float = 1.0) -> Params:
-  """Recovers LoRA params from fused ones; the inverse of `fuse_params`.
+  """Recovers LoRA params from fused ones: `fuse_params` undone up to rounding.
 
   Every kernel with a LoRA branch in ``lora`` becomes
-  ``kernel - scale * (a @ b)`` (float32, cast once to the kernel's dtype) and
-  the ``'lora'`` branches are put back.
+  ``kernel - scale * (a @ b)`` (computed like `fuse_params`: float32, the
+  same scaled product, one cast to the kernel's dtype) and the ``'lora'``
+  branches are put back (the very same leaves: exact).
 
-  Example:
+  It is not an exact inverse in floating point: ``fuse_params`` rounded
+  ``W + ΔW`` to the kernel dtype, and that rounding cannot be undone. For
+  every kernel entry, with ``F = fuse_params(p)`` (finite) and ``u`` the unit
+  roundoff of the kernel dtype (``2**-8`` bfloat16, ``2**-11`` float16,
+  ``2**-24`` float32) and ``u32 = 2**-24``::
 
-  ```python
-  params = {'dense': {'kernel': k, 'lora': {'a': a, 'b': b}}}
-  _, lora = split_params(params)
-  unfuse_params(fuse_params(params), lora)  # ~= params
-  ```
+    |unfuse(fuse(W)) - W| <= 2 c (1 + c) / (1 - c) * max(|W|, |F|) + 8 tiny
+    c = u32 + u + u32 * u      (c = u32 for a float32 kernel: no cast)
+
+  where ``tiny`` is the kernel dtype's smallest normal number (it only matters
+  for subnormal values). That is at most 2 ulps (float32: 4) of
+  ``max(|W|, |F|)``: about ``7.9e-3 * max`` in bfloat16 and ``1.2e-7 * max`` in
+  float32. Keep the unfused params (`split_params`) when bit-exactness
+  matters; split and merge are exact.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> params = {'dense': {'kernel': jnp.full((4, 3), 0.1),
+    ...                     'lora': {'a': jnp.ones((4, 2)),
+    ...                              'b': jnp.full((2, 3), 0.3)}}}
+    >>> _, lora = split_params(params)
+    >>> back = unfuse_params(fuse_params(params), lora)
+    >>> back['dense']['lora']['a'] is lora['dense']['lora']['a']
+    True
+    >>> bool(jnp.allclose(back['dense']['kernel'], 0.1, rtol=0, atol=1.2e-7))
+    True
 
   Args:
     fused: params returned by `fuse_params`.
     lora: the LoRA tree (the second tree returned by `split_params`).
-    scale: must equal the ``scale`` given to `fuse_params`.
+    scale: must equal the ``scale`` given to `fuse_params` (same rules).
 
   Returns:
     The unfused params with ``'lora'`` branches, same mapping kind as
     ``fused``.
 
   Raises:
-    ValueError: if the trees do not match (the message names the path) or
-      ``lora`` holds no ``'lora'`` branch.
+    TypeError: for arguments of the wrong type (as in `fuse_params`).
+    ValueError: if the trees do not match (the message names the path),
+      ``lora`` holds no ``'lora'`` branch, or ``scale`` is not finite.
   """
   _check_tree(fused, 'fused')
   _check_tree(lora, 'lora')
+  scale = _check_scale(scale, 'unfuse_params')
   if not _has_lora(lora):
     raise ValueError(
         "unfuse_params: no 'lora' branch to unfuse in lora; pass the second "

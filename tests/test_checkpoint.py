@@ -300,3 +300,473 @@ def test_restore_pytree_strict_errors(tmp_path):
   assert 'missing keys' in msg and 'params/Dense_1/kernel' in msg
   assert 'unexpected keys' in msg and 'params/Einsum_0/scale' in msg
   assert 'params/Dense_0/kernel: checkpoint int4[64, 32], model int4[64, 16]' in msg
+
+
+# --------------------------------------------------------------------------
+# Damaged files: a ValueError naming the file, the model untouched
+# --------------------------------------------------------------------------
+
+
+def _snapshot(model):
+  """Types of every node and every variable's value, to compare later."""
+  types = [(p, type(m).__name__) for p, m in nnx.iter_graph(model)]
+  state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model)))
+  return types, state
+
+
+def _assert_untouched(model, snap):
+  types, state = _snapshot(model)
+  assert types == snap[0]
+  _assert_trees_bit_equal(state, snap[1])
+
+
+def _truncate(path, keep=0.5):
+  data = path.read_bytes()
+  path.write_bytes(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize('name', [
+    'lora/array_metadatas/process_0', 'lora/_METADATA',
+    'lora/_CHECKPOINT_METADATA', 'adapter_config.json',
+])
+def test_damaged_file_is_a_value_error_naming_it_and_model_untouched(
+    tmp_path, name):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  _truncate(tmp_path / 'ad' / name)
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match='damaged or truncated') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert str(tmp_path / 'ad' / name) in str(e.value)
+  _assert_untouched(fresh, snap)
+
+
+def _data_files(root):
+  return sorted((p for p in root.rglob('*') if p.is_file()
+                 and p.parent.name == 'd'), key=lambda p: p.stat().st_size)
+
+
+def test_damaged_array_data_is_caught_before_the_model_is_touched(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  for f in _data_files(tmp_path / 'ad' / 'lora'):
+    data = bytearray(f.read_bytes())
+    for i in range(len(data) // 2, len(data)):
+      data[i] ^= 0x5A
+    f.write_bytes(bytes(data))
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match='damaged'):
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  _assert_untouched(fresh, snap)
+
+
+def test_arrays_are_checked_against_the_recorded_checksums(tmp_path):
+  model, base = _trained()
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert sorted(config['checksums']) == [
+      'layers/0/lora/a', 'layers/0/lora/b', 'layers/1/lora/a',
+      'layers/1/lora/b', 'proj/lora/a', 'proj/lora/b']
+  # Another adapter's arrays under this config: orbax reads them fine, the
+  # checksums do not match.
+  other, _ = _trained(alpha=2.0)
+  nnx.update(other, jax.tree.map(lambda v: v * 2,
+                                 nnx.state(other, nnx.LoRAParam)))
+  checkpoint.save_adapter(tmp_path / 'other', other)
+  import shutil  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(tmp_path / 'ad' / 'lora')
+  shutil.copytree(tmp_path / 'other' / 'lora', tmp_path / 'ad' / 'lora')
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match='checksums') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert 'layers/0/lora/a' in str(e.value)
+  _assert_untouched(fresh, snap)
+
+
+@pytest.mark.parametrize('edit,match', [
+    (lambda c: c.update(layers='x'), 'layers'),
+    (lambda c: c['layers'][0].update(rank='4'), r'layers\[0\].rank'),
+    (lambda c: c['layers'][0].update(path=None), r'layers\[0\].path'),
+    (lambda c: c['layers'][0].update(scale='big'), 'scale'),
+    (lambda c: c['layers'][0].update(scale=[1.0, 2.0, 3.0]), 'scale'),
+    (lambda c: c.update(format_version='two'), 'format_version'),
+])
+def test_malformed_config_is_a_value_error_naming_the_file(tmp_path, edit,
+                                                           match):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  _edit_config(tmp_path / 'ad', edit)
+  fresh = nnx.clone(base)
+  snap = _snapshot(fresh)
+  with pytest.raises(ValueError, match=match) as e:
+    checkpoint.load_adapter(tmp_path / 'ad', fresh)
+  assert 'adapter_config.json' in str(e.value)
+  _assert_untouched(fresh, snap)
+
+
+# --------------------------------------------------------------------------
+# LoRAScale: what was saved is what is loaded
+# --------------------------------------------------------------------------
+
+
+def test_changed_scale_is_saved_and_restored_per_layer(tmp_path):
+  model, base = _trained()
+  model.layers[0].lora.scale[...] = 7.0
+  model.proj.lora.scale[...] = -0.375
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert [t['scale'] for t in config['layers']] == [7.0, 2.0, -0.375]
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  assert float(loaded.layers[0].lora.scale[...]) == 7.0
+  assert float(loaded.layers[1].lora.scale[...]) == 2.0  # alpha / rank
+  assert float(loaded.proj.lora.scale[...]) == -0.375
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+
+
+def test_old_config_without_new_fields_still_loads(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+
+  def old(c):
+    for key in ('checksums', 'base_fingerprint'):
+      del c[key]
+    for t in c['layers']:
+      del t['scale']
+  _edit_config(tmp_path / 'ad', old)
+  import warnings  # pylint: disable=g-import-not-at-top
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base),
+                                     strict=True)
+  assert not [w for w in caught
+              if issubclass(w.category, checkpoint.BaseMismatchWarning)]
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+
+
+# --------------------------------------------------------------------------
+# Base fingerprint
+# --------------------------------------------------------------------------
+
+
+def test_fingerprint_records_the_wrapped_layers(tmp_path):
+  model, _ = _trained(where='proj|layers/0')
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  fp = config['base_fingerprint']
+  assert [e['path'] for e in fp] == [['layers', 0, 'bias'],
+                                     ['layers', 0, 'kernel'],
+                                     ['proj', 'kernel']]  # Einsum: no bias
+  fp = fp[1:]
+  kernel = np.asarray(model.proj.wrapped.kernel[...], np.float64).ravel()
+  stride = max(1, kernel.size // 1024)
+  sample = kernel[::stride]
+  want = float(np.sum(sample * (1 + np.arange(sample.size) % 7)))
+  assert fp[1]['shape'] == [64, 2, 32] and fp[1]['dtype'] == 'float32'
+  np.testing.assert_allclose(fp[1]['checksum'], want, rtol=1e-12)
+
+
+def test_load_onto_another_base_warns_or_raises_with_strict(tmp_path):
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  other = _Net(nnx.Rngs(5))  # same architecture, other weights
+  snap = _snapshot(other)
+  with pytest.raises(ValueError, match='differs from the base') as e:
+    checkpoint.load_adapter(tmp_path / 'ad', other, strict=True)
+  assert 'layers/0/kernel: values differ' in str(e.value)
+  _assert_untouched(other, snap)
+  with pytest.warns(checkpoint.BaseMismatchWarning,
+                    match='layers/1/kernel: values differ'):
+    checkpoint.load_adapter(tmp_path / 'ad', other)
+  assert type(other.layers[0]).__name__ == 'LoRALinear'  # loaded anyway
+  # a single changed value in a sampled position is seen too
+  fresh = nnx.clone(base)
+  fresh.proj.kernel[...] = fresh.proj.kernel[...].at[0, 0, 0].add(1.0)
+  with pytest.raises(ValueError, match='proj/kernel: values differ'):
+    checkpoint.load_adapter(tmp_path / 'ad', fresh, strict=True)
+
+
+def test_load_onto_the_same_base_does_not_warn(tmp_path):
+  import warnings  # pylint: disable=g-import-not-at-top
+  model, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter('always')
+    checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base), strict=True)
+  assert not [w for w in caught
+              if issubclass(w.category, checkpoint.BaseMismatchWarning)]
+
+
+def test_fingerprint_of_a_quantized_base(tmp_path):
+  model = _Net(nnx.Rngs(0))
+  surgery.quantize(model, method='int4')
+  base = nnx.clone(model)
+  surgery.apply_lora(model, rank=2, rngs=nnx.Rngs(1))
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base), strict=True)
+  other = surgery.quantize(_Net(nnx.Rngs(3)), method='int4')
+  with pytest.raises(ValueError, match='values differ'):
+    checkpoint.load_adapter(tmp_path / 'ad', other, strict=True)
+
+
+# --------------------------------------------------------------------------
+# Atomic save: leftovers of a killed save
+# --------------------------------------------------------------------------
+
+
+def _leftover_names(tmp_path):
+  return sorted(p.name for p in tmp_path.iterdir() if '.peft-' in p.name)
+
+
+def test_save_leaves_no_temporary_directories(tmp_path):
+  model, _ = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', model)
+  checkpoint.save_adapter(tmp_path / 'ad', model, overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ['ad']
+
+
+def test_kill_between_the_two_renames_loads_the_previous_adapter(tmp_path):
+  """The state a save killed after 'old aside', before 'new in', leaves."""
+  old, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', old)
+  (tmp_path / 'ad' / 'notes.txt').write_text('mine')
+  os.rename(tmp_path / 'ad', tmp_path / '.ad.peft-old-x1')
+  os.makedirs(tmp_path / '.ad.peft-new-x2' / 'lora')  # the half-written new
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(old(_x())))
+  assert checkpoint.read_adapter_config(tmp_path / 'ad')['rank'] == 4
+  # The next save puts the previous one back first: overwrite rules apply.
+  new, _ = _trained(rank=2)
+  with pytest.raises(ValueError, match='overwrite=True'):
+    checkpoint.save_adapter(tmp_path / 'ad', new)
+  assert _leftover_names(tmp_path) == []
+  assert (tmp_path / 'ad' / 'notes.txt').read_text() == 'mine'
+  checkpoint.save_adapter(tmp_path / 'ad', new, overwrite=True)
+  assert (tmp_path / 'ad' / 'notes.txt').read_text() == 'mine'
+  assert checkpoint.read_adapter_config(tmp_path / 'ad')['rank'] == 2
+
+
+def test_half_written_new_adapter_is_ignored(tmp_path):
+  old, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', old)
+  os.makedirs(tmp_path / '.ad.peft-new-x3' / 'lora')
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(old(_x())))
+
+
+def test_failed_save_keeps_the_previous_adapter(tmp_path):
+  old, base = _trained()
+  checkpoint.save_adapter(tmp_path / 'ad', old)
+  new, _ = _trained(rank=2)
+  with pytest.raises(TypeError, match='metadata'):
+    checkpoint.save_adapter(tmp_path / 'ad', new, overwrite=True,
+                            metadata={'bad': object()})
+  assert sorted(os.listdir(tmp_path)) == ['ad']
+  assert checkpoint.read_adapter_config(tmp_path / 'ad')['rank'] == 4
+
+
+def test_save_pytree_overwrite_is_atomic_too(tmp_path):
+  checkpoint.save_pytree(tmp_path / 'p', {'w': np.ones(3, np.float32)})
+  checkpoint.save_pytree(tmp_path / 'p', {'w': np.zeros(3, np.float32)},
+                         overwrite=True)
+  assert sorted(os.listdir(tmp_path)) == ['p']
+  os.rename(tmp_path / 'p', tmp_path / '.p.peft-old-x')
+  np.testing.assert_array_equal(
+      checkpoint.restore_pytree(tmp_path / 'p')['w'], np.zeros(3))
+
+
+# A process that imports everything once, then forks one saver per round (no
+# JAX backend exists before the fork: nothing runs in the parent). The saver
+# writes adapter versions v, v+1, ... forever; every array and the scale of
+# version v encode v, so a loaded adapter shows which version it is and
+# whether it is whole.
+_SAVER = r'''
+import os, pickle, sys
+import jax, numpy as np
+from flax import nnx
+from peft import checkpoint
+from peft.nnx import surgery
+
+sys.path.insert(0, sys.argv[2])
+from test_checkpoint import _Net
+
+target = sys.argv[1]
+with open(sys.argv[3], 'rb') as f:
+  values = pickle.load(f)
+while True:
+  line = sys.stdin.readline()
+  if not line:
+    break
+  pid = os.fork()
+  if pid == 0:
+    v = int(line)
+    # Built abstractly and filled with numpy values: nothing to compile.
+    abstract = nnx.eval_shape(lambda: surgery.apply_lora(
+        _Net(nnx.Rngs(0)), rank=4, rngs=nnx.Rngs(1)))
+    graphdef, state = nnx.split(abstract)
+    nnx.replace_by_pure_dict(state, values)
+    model = nnx.merge(graphdef, state)
+    while True:
+      for _, var in nnx.iter_graph(model):
+        if isinstance(var, nnx.LoRAParam):
+          var.set_value(np.full(var.get_value().shape, v, np.float32))
+      model.proj.lora.scale.set_value(np.float32(v))
+      checkpoint.save_adapter(target, model, overwrite=True)
+      with open(sys.argv[4], 'a') as f:  # version v is saved
+        f.write(f'{v}\n')
+      v += 1
+  print(pid, flush=True)
+  os.waitpid(pid, 0)
+  print('reaped', flush=True)
+'''
+
+
+def _version_of(model):
+  """The version a loaded adapter encodes; AssertionError if not whole."""
+  leaves = [np.asarray(x) for x in
+            jax.tree.leaves(nnx.state(model, nnx.LoRAParam))]
+  v = float(leaves[0].reshape(-1)[0])
+  assert all(np.all(x == v) for x in leaves), 'a mix of versions'
+  assert float(model.proj.lora.scale[...]) == v, 'scale of another version'
+  return int(v)
+
+
+def test_save_adapter_survives_sigkill_at_random_moments(tmp_path):
+  import random  # pylint: disable=g-import-not-at-top
+  import signal  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+
+  kills = 24
+  target = tmp_path / 'ad'
+  first = surgery.apply_lora(_Net(nnx.Rngs(0)), rank=4, rngs=nnx.Rngs(1))
+  nnx.update(first, jax.tree.map(jnp.zeros_like,
+                                 nnx.state(first, nnx.LoRAParam)))
+  first.proj.lora.scale[...] = 0.0
+  checkpoint.save_adapter(target, first)  # version 0: the "previous" one
+  script = tmp_path / 'saver.py'
+  script.write_text(_SAVER)
+  progress = tmp_path / 'progress.txt'
+  import pickle  # pylint: disable=g-import-not-at-top
+  values = tmp_path / 'values.pkl'
+  values.write_bytes(pickle.dumps(jax.tree.map(
+      np.asarray, nnx.to_pure_dict(nnx.state(first)))))
+  tests_dir = os.path.dirname(os.path.abspath(__file__))
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [os.path.dirname(tests_dir), os.environ.get('PYTHONPATH', '')]))
+  proc = subprocess.Popen(
+      [sys.executable, str(script), str(target), tests_dir, str(values),
+       str(progress)],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+  rng = random.Random(0)
+
+  def first_saved(deadline=120.0):
+    """Waits for this round's first completed save; returns its version."""
+    t = time.monotonic()
+    while time.monotonic() - t < deadline:
+      lines = progress.read_text().split('\n')[:-1]
+      if lines:
+        return int(lines[0])
+      time.sleep(0.02)
+    raise AssertionError('the saver wrote nothing in 120 s')
+
+  last, whole, lost, mid_save, no_target, newer = 0, 0, 0, 0, 0, 0
+  errors = []
+  start = time.monotonic()
+  try:
+    for k in range(kills):
+      base_v = (k + 1) * 1000
+      progress.write_text('')
+      proc.stdin.write(f'{base_v}\n')
+      proc.stdin.flush()
+      pid = int(proc.stdout.readline())
+      try:
+        done = first_saved()
+      finally:
+        # The saver writes version after version: a random moment of a save.
+        time.sleep(rng.uniform(0.0, 0.6))
+        os.kill(pid, signal.SIGKILL)
+      assert proc.stdout.readline().strip() == 'reaped'
+      if _leftover_names(tmp_path):
+        mid_save += 1
+      if not target.exists():
+        no_target += 1
+      try:
+        loaded = checkpoint.load_adapter(target, _Net(nnx.Rngs(0)),
+                                         strict=True)
+        v = _version_of(loaded)
+        # At least the save that completed before the kill; this round's.
+        assert done <= v < base_v + 1000, (v, done)
+      except Exception as e:  # pylint: disable=broad-except
+        lost += 1
+        errors.append(f'kill {k}: {type(e).__name__}: {e}')
+        continue
+      whole += 1
+      newer += v != last
+      last = v
+  finally:
+    proc.stdin.close()
+    proc.wait(timeout=60)
+  seconds = time.monotonic() - start
+  print(f'\nsave_adapter fault injection: {kills} SIGKILLs at random moments,'
+        f' {whole} adapters loaded whole, {lost} lost; {mid_save} kills left'
+        f' a half-done save behind, {no_target} between the two renames;'
+        f' {newer} rounds advanced the version; {seconds:.1f} s')
+  assert lost == 0, errors
+  assert whole == kills
+  assert newer == kills  # every round's saver got adapters written
+
+
+class _Stack(nnx.Module):
+  """Three Linear layers stacked by nnx.vmap, run by nnx.scan."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def make(rngs):
+      return nnx.Linear(8, 8, rngs=rngs)
+    self.layers = make(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def body(x, layer):
+      return layer(x)
+    return body(x, self.layers)
+
+
+def test_stacked_layers_keep_one_saved_scale_per_slice(tmp_path):
+  model = _Stack(nnx.Rngs(0))
+  base = nnx.clone(model)
+  surgery.apply_lora(model, rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  model.layers.lora.scale[...] = jnp.array([1.0, 5.0, -2.0])
+  model.layers.lora.b[...] = jnp.ones_like(model.layers.lora.b[...])
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert config['layers'][0]['scale'] == [1.0, 5.0, -2.0]
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base),
+                                   strict=True)
+  np.testing.assert_array_equal(np.asarray(loaded.layers.lora.scale[...]),
+                                [1.0, 5.0, -2.0])
+  x = jnp.ones((2, 8))
+  np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
+
+
+def test_named_adapter_keeps_its_name_and_several_are_refused(tmp_path):
+  import peft.nnx as pnnx  # pylint: disable=g-import-not-at-top
+  model = _Net(nnx.Rngs(0))
+  base = nnx.clone(model)
+  pnnx.apply_lora(model, rank=2, where='proj', name='task', rngs=nnx.Rngs(1))
+  model.proj.lora.b[...] = jnp.ones_like(model.proj.lora.b[...])
+  config = checkpoint.save_adapter(tmp_path / 'ad', model)
+  assert config['layers'][0]['name'] == 'task'
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
+  assert pnnx.list_adapters(loaded) == ['task']
+  np.testing.assert_array_equal(np.asarray(loaded(_x())),
+                                np.asarray(model(_x())))
+  pnnx.apply_lora(model, rank=2, where='proj', name='other', rngs=nnx.Rngs(2))
+  with pytest.raises(ValueError, match=r"proj: \['task', 'other'\]"):
+    checkpoint.save_adapter(tmp_path / 'two', model)
+  assert not (tmp_path / 'two').exists()

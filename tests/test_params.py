@@ -115,13 +115,14 @@ def test_document_example():
   assert merge_params(original, lora) == params
 
 
-def test_branch_with_only_lora_is_absent_from_original():
+def test_branch_with_only_lora_stays_empty_in_original():
+  # gemma.peft layout: {'b': {'lora': ...}} -> original {'b': {}}.
   params = {
       'block': {'attn': {'lora': {'a': 1, 'b': 2}}, 'mlp': {'kernel': 3}},
       'top': {'lora': {'a': 4}},
   }
   original, lora = split_params(params)
-  assert original == {'block': {'mlp': {'kernel': 3}}}
+  assert original == {'block': {'attn': {}, 'mlp': {'kernel': 3}}, 'top': {}}
   assert lora == {
       'block': {'attn': {'lora': {'a': 1, 'b': 2}}},
       'top': {'lora': {'a': 4}},
@@ -141,6 +142,7 @@ def test_nested_empty_dicts_stay_on_original_side():
       'empty': {},
       'deep': {'e1': {'e2': {}}},
       'mixed': {'e': {}},
+      'only_lora_empty': {},
   }
   assert lora == {
       'mixed': {'lora': {'a': 1, 'inner_empty': {}}},
@@ -175,6 +177,53 @@ def test_split_merge_mapping_kinds():
   assert f_lora == FrozenDict({'dense': {'lora': {'a': 1, 'b': 2}}})
   merged = merge_params(f_original, f_lora)
   assert isinstance(merged, FrozenDict) and merged == frozen
+
+
+def _ref_original(tree):
+  """gemma.peft's original side: every branch kept, 'lora' keys removed."""
+  return {k: _ref_original(v) if isinstance(v, (dict, FrozenDict)) else v
+          for k, v in tree.items() if k != 'lora'}
+
+
+def _ref_lora(tree):
+  """The paths leading to 'lora' keys, the 'lora' subtrees whole; or None."""
+  out = {}
+  for k, v in tree.items():
+    if k == 'lora':
+      out[k] = v
+    elif isinstance(v, (dict, FrozenDict)):
+      sub = _ref_lora(v)
+      if sub is not None:
+        out[k] = sub
+  return out or None
+
+
+def test_split_tree_structure_matches_gemma_peft_layout():
+  """A linen model whose submodule holds only LoRA keeps that branch."""
+  w = lambda *s: np.zeros(s, np.float32)
+  params = {
+      'block': {
+          'wrapper': {'lora': {'a': w(4, 2), 'b': w(2, 3)}},  # only lora
+          'Dense_0': {'kernel': w(4, 3), 'bias': w(3),
+                      'lora': {'a': w(4, 2), 'b': w(2, 3)}},
+          'norm': {},
+      },
+  }
+  original, lora = split_params(params)
+  # The tree gemma.peft returns for this input, written out by hand:
+  gemma_original = {'block': {'wrapper': {},
+                              'Dense_0': {'kernel': w(4, 3), 'bias': w(3)},
+                              'norm': {}}}
+  gemma_lora = {'block': {'wrapper': {'lora': {'a': w(4, 2), 'b': w(2, 3)}},
+                          'Dense_0': {'lora': {'a': w(4, 2), 'b': w(2, 3)}}}}
+  assert (jax.tree_util.tree_structure(original)
+          == jax.tree_util.tree_structure(gemma_original))
+  assert (jax.tree_util.tree_structure(lora)
+          == jax.tree_util.tree_structure(gemma_lora))
+  # So trees from the two libraries combine leaf by leaf.
+  jax.tree.map(lambda x, y: x + y, original, gemma_original)
+  assert _tree_equal(merge_params(original, lora), params)
+  assert merge_params(original, lora)['block']['norm'] == {}
 
 
 _KEYS = st.sampled_from(['lora', 'kernel', 'bias', 'a', 'b', 'x', 'layer_0', '0'])
@@ -214,11 +263,9 @@ def test_merge_split_roundtrip(params, frozen):
     assert 'lora' not in path
   for path, value in (_walk(lora) if lora else ()):
     assert 'lora' in path, (path, value)  # no empty branch outside lora
-  # Every leaf / empty branch of the input lands on exactly one side.
-  n_in = sum(1 for _ in _walk(params)) if params else 0
-  n_o = sum(1 for _ in _walk(original)) if original else 0
-  n_l = sum(1 for _ in _walk(lora)) if lora else 0
-  assert n_o + n_l == n_in
+  # The layout of gemma.peft (reference written here, independently).
+  assert _tree_equal(original, _ref_original(params))
+  assert _tree_equal(lora, _ref_lora(params) or {})
 
 
 def test_merge_conflicts_name_the_path():
@@ -508,7 +555,7 @@ def test_fuse_errors_name_the_path():
     fuse_params(extra)
 
   not_branch = {'d': dict(layer, lora=3)}
-  with pytest.raises(ValueError, match='d.*lora'):
+  with pytest.raises(TypeError, match='d/lora must be a branch'):
     fuse_params(not_branch)
 
   bad_rank = {'x': {'y': dict(layer, lora={'a': np.ones((4, 2)),
@@ -535,12 +582,17 @@ def test_fuse_errors_name_the_path():
     fuse_params(too_few_dims)
 
   leaf_a = {'x': dict(layer, lora={'a': 1.0, 'b': layer['lora']['b']})}
-  with pytest.raises(ValueError, match='x/lora/a'):
+  with pytest.raises(TypeError, match='x/lora/a.*must be an array'):
     fuse_params(leaf_a)
 
   int_kernel = {'x': dict(layer, kernel=np.ones((4, 3), np.int8))}
-  with pytest.raises(ValueError, match='x.*float'):
+  with pytest.raises(TypeError, match='x.*float'):
     fuse_params(int_kernel)
+
+  int_factor = {'x': dict(layer, lora={'a': np.ones((4, 2), np.int32),
+                                       'b': layer['lora']['b']})}
+  with pytest.raises(TypeError, match='x/lora/a has dtype int32'):
+    fuse_params(int_factor)
 
 
 def test_unfuse_errors_name_the_path():
@@ -614,3 +666,131 @@ def test_fuse_rejects_einsum_with_output_axes_before_reduced():
   k, a, b = np.ones((2, 4, 3)), np.ones((4, 2)), np.ones((2, 2, 3))
   with pytest.raises(ValueError, match='cannot place the LoRA at .attn.'):
     fuse_params({'attn': {'kernel': k, 'lora': {'a': a, 'b': b}}})
+
+
+# --------------------------------------------------------------------------
+# unfuse(fuse(W)) error bound (the one documented in unfuse_params and
+# docs/linen.md), derived from the roundings: fuse rounds W + d in float32
+# then to the kernel dtype; unfuse rounds F - d the same way.
+# --------------------------------------------------------------------------
+
+_UNIT_ROUNDOFF = {'float32': 2.0**-24, 'bfloat16': 2.0**-8,
+                  'float16': 2.0**-11}
+_DTYPES = {'float32': np.float32, 'bfloat16': ml_dtypes.bfloat16,
+           'float16': np.float16}
+
+
+def _unfuse_bound(w, fused, dtype_name):
+  u32 = 2.0**-24
+  u = 0.0 if dtype_name == 'float32' else _UNIT_ROUNDOFF[dtype_name]
+  c = u32 + u + u32 * u
+  tiny = float(ml_dtypes.finfo(_DTYPES[dtype_name]).tiny)
+  m = np.maximum(np.abs(np.asarray(w, np.float64)),
+                 np.abs(np.asarray(fused, np.float64)))
+  return 2 * c * (1 + c) / (1 - c) * m + 8 * tiny
+
+
+def _fuse_unfuse(kernel, a, b, scale, jit):
+  params = {'d': {'kernel': jnp.asarray(kernel),
+                  'lora': {'a': jnp.asarray(a), 'b': jnp.asarray(b)}}}
+  _, lora = split_params(params)
+  fuse = jax.jit(fuse_params) if jit else fuse_params
+  unfuse = jax.jit(unfuse_params) if jit else unfuse_params
+  fused = fuse(params, scale=scale)
+  back = unfuse(fused, lora, scale=scale)
+  return fused['d']['kernel'], back['d']['kernel'], back
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from(['float32', 'bfloat16']),
+    shape=st.tuples(st.integers(1, 24), st.integers(1, 24)),
+    rank=st.integers(1, 8),
+    w_mag=st.sampled_from([1e-30, 1e-3, 1.0, 1e3]),
+    lora_mag=st.sampled_from([1e-4, 1e-2, 1.0, 30.0]),
+    scale=st.sampled_from([1.0, 0.125, 2.0, -3.0]),
+    jit=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+@example(dtype='bfloat16', shape=(64, 64), rank=8, w_mag=1.0, lora_mag=1.0,
+         scale=1.0, jit=False, seed=0)
+def test_unfuse_fuse_error_within_documented_bound(dtype, shape, rank, w_mag,
+                                                   lora_mag, scale, jit, seed):
+  rng = np.random.default_rng(seed)
+  w = _rand(rng, shape, _DTYPES[dtype], w_mag)
+  a = _rand(rng, (shape[0], rank), mag=lora_mag)
+  b = _rand(rng, (rank, shape[1]), mag=lora_mag)
+  fused, restored, back = _fuse_unfuse(w, a, b, scale, jit)
+  assert restored.dtype == w.dtype
+  assert np.all(np.isfinite(np.asarray(fused, np.float64)))
+  err = np.abs(np.asarray(restored, np.float64) - np.asarray(w, np.float64))
+  bound = _unfuse_bound(w, fused, dtype)
+  worst = np.argmax(err - bound)
+  assert np.all(err <= bound), (
+      f'entry {np.unravel_index(worst, err.shape)}: error {err.flat[worst]} >'
+      f' bound {bound.flat[worst]}')
+  # Exactness where it is promised: the lora leaves come back as they were.
+  assert back['d']['lora']['a'] is not None
+  np.testing.assert_array_equal(np.asarray(back['d']['lora']['a']), a)
+
+
+def test_unfuse_bound_is_tight_and_bf16_is_not_exact():
+  """The issue's case: bf16 64x64, rank 8. Errors exist and reach the bound."""
+  rng = np.random.default_rng(0)
+  w = _rand(rng, (64, 64), ml_dtypes.bfloat16)
+  a, b = _rand(rng, (64, 8)), _rand(rng, (8, 64))
+  fused, restored, _ = _fuse_unfuse(w, a, b, 1.0, jit=False)
+  err = np.abs(np.asarray(restored, np.float64) - np.asarray(w, np.float64))
+  bound = _unfuse_bound(w, fused, 'bfloat16')
+  assert np.all(err <= bound)
+  assert np.count_nonzero(err) > 1000  # roughly half the entries differ
+  # The bound is not loose: some entry uses more than a third of it.
+  assert np.max(err / bound) > 1 / 3
+  # float32: not exact either, but within its (much smaller) bound.
+  w32 = w.astype(np.float32)
+  fused32, restored32, _ = _fuse_unfuse(w32, a, b, 1.0, jit=False)
+  err32 = np.abs(np.asarray(restored32, np.float64) - w32)
+  assert np.all(err32 <= _unfuse_bound(w32, fused32, 'float32'))
+  assert np.count_nonzero(err32) > 0
+
+
+@pytest.mark.parametrize('scale', ['x', None, [1.0], 1j, True,
+                                   np.ones(2, np.int32).astype(bool)[0]])
+def test_fuse_scale_of_wrong_type_is_a_type_error(scale):
+  params = {'d': _ok_layer()}
+  _, lora = split_params(params)
+  with pytest.raises(TypeError, match='scale must be a real number'):
+    fuse_params(params, scale=scale)
+  with pytest.raises(TypeError, match='scale must be a real number'):
+    unfuse_params(fuse_params(params), lora, scale=scale)
+
+
+@pytest.mark.parametrize('scale,match', [
+    (float('nan'), 'finite'), (float('inf'), 'finite'),
+    (np.ones(3, np.float32), 'scalar'), (jnp.float32(np.inf), 'finite'),
+])
+def test_fuse_scale_of_wrong_value_is_a_value_error(scale, match):
+  with pytest.raises(ValueError, match=f'scale.*{match}|{match}.*scale'):
+    fuse_params({'d': _ok_layer()}, scale=scale)
+
+
+def test_fuse_scale_accepts_numbers_and_scalar_arrays_also_traced():
+  params = {'d': _ok_layer()}
+  want = fuse_params(params, scale=0.5)['d']['kernel']
+  for s in (np.float32(0.5), jnp.float32(0.5), np.asarray(0.5), 0.5):
+    np.testing.assert_array_equal(fuse_params(params, scale=s)['d']['kernel'],
+                                  want)
+  traced = jax.jit(lambda p, s: fuse_params(p, scale=s))(params, 0.5)
+  np.testing.assert_allclose(traced['d']['kernel'], want, rtol=1e-6)
+  np.testing.assert_array_equal(
+      fuse_params(params, scale=2)['d']['kernel'],
+      fuse_params(params, scale=2.0)['d']['kernel'])
+
+
+def test_float64_numpy_kernel_fuses_without_dtype_warning():
+  import warnings  # pylint: disable=g-import-not-at-top
+  layer = jax.tree.map(lambda x: np.asarray(x, np.float64), _ok_layer())
+  with warnings.catch_warnings():
+    warnings.simplefilter('error')
+    fused = fuse_params({'d': layer})
+  assert fused['d']['kernel'].dtype == jax.dtypes.canonicalize_dtype(np.float64)
