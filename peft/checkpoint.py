@@ -657,8 +657,12 @@ def save_adapter(
     *,
     overwrite: bool = False,
     metadata: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
   """Saves only the LoRA adapter of `model`, atomically: params and a config.
+
+  With several named adapters per layer (`peft.nnx.adapters`), pass `name` to
+  save that adapter; `load_adapter` re-creates it under the same name.
 
   Writes `directory/lora` (orbax, the `nnx.LoRAParam` state) and
   `directory/adapter_config.json`: rank and alpha (top level when all adapters
@@ -702,21 +706,32 @@ def save_adapter(
         'model: has no LoRA wrappers to save; call'
         ' surgery.apply_lora(model, rank=..., rngs=...) first'
     )
+  if name is not None:
+    if not isinstance(name, str):
+      raise TypeError(f'name: expected an adapter name (str), got {name!r}')
+    wrappers = [(p, w) for p, w in wrappers if name in _adapter_names(w)]
+    if not wrappers:
+      raise ValueError(f'name: the model has no adapter named {name!r}')
   several = [f'{_show(p)}: {list(_adapter_names(w))}' for p, w in wrappers
-             if len(_adapter_names(w)) > 1]
+             if len(_adapter_names(w)) > 1 and name is None]
   if several:
     raise ValueError(
         'model: save_adapter saves one adapter per layer, and these layers'
         ' hold several named adapters: ' + '; '.join(several[:5])
         + ('; ...' if len(several) > 5 else '')
-        + '; keep one per layer first (peft.nnx.delete_adapter, or'
-        ' combine_adapters into one)'
+        + '; pass name=... to save one of them, or keep one per layer'
+        ' (peft.nnx.delete_adapter, combine_adapters)'
     )
   targets, fingerprint = [], []
+  state: dict[Any, Any] = {}
   for path, w in wrappers:
-    ad = w.lora
+    ad = w.adapter(name) if name is not None else w.lora
+    node = state
+    for k in path:
+      node = node.setdefault(k, {})
+    node['lora'] = nnx.to_pure_dict(nnx.state(ad, nnx.LoRAParam))
     targets.append({
-        'name': _adapter_names(w)[0],
+        'name': name if name is not None else _adapter_names(w)[0],
         'path': [_json_key(k) for k in path],
         'type': type(w).__name__,
         'base': type(w.wrapped).__name__,
@@ -734,7 +749,6 @@ def save_adapter(
     values = {json.dumps(t[key]) for t in targets}
     return targets[0][key] if len(values) == 1 else None
 
-  state = nnx.to_pure_dict(nnx.state(model, nnx.LoRAParam))
   methods = sorted({t['method'] for t in targets})
   config = {
       'format': _FORMAT,
