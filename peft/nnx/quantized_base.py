@@ -115,6 +115,14 @@ class SimulateQuantized(nnx.Module):
     self.method = method
     self.geometry = geometry
 
+  def __getattr__(self, name: str):
+    """Attributes the wrapper lacks are read from the wrapped layer."""
+    wrapped = vars(self).get('wrapped')
+    if name.startswith('_') or wrapped is None:
+      raise AttributeError(
+          f'{type(self).__name__!r} object has no attribute {name!r}')
+    return getattr(wrapped, name)
+
   def __treescope_repr__(self, path, subtree_renderer):
     from peft.nnx import visual  # pylint: disable=g-import-not-at-top
     return visual.simulated_treescope_repr(self, path, subtree_renderer)
