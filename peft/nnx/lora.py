@@ -168,7 +168,7 @@ def _describe_base(wrapped, geometry: Geometry | None) -> _Base:
   return _Base(g, tuple(value.shape), value.dtype, names, meta, kernel)
 
 
-class LoRA(nnx.Module):
+class LoRA(registry.ReadsThrough, nnx.Module):
   """LoRA around any registered layer (or its quantized version).
 
   Output: `wrapped(x) + lora(x)`, with `lora` a `LoRAAdapter` in the wrapped
@@ -328,20 +328,6 @@ class LoRA(nnx.Module):
       return ratio * (y + lora.astype(y.dtype))
     bias = jnp.reshape(bias, g.bias_broadcast_shape(xi.ndim)).astype(y.dtype)
     return bias + ratio * (y - bias + lora.astype(y.dtype))
-
-  def __getattr__(self, name: str):
-    """Attributes the wrapper lacks are read from the wrapped layer.
-
-    A wrapper stands in for its layer, so code that reads the layer's
-    configuration (`in_features`, `einsum_str`, tunix's `shape`) keeps working
-    after `apply_lora`. Only called when normal lookup fails; private names
-    are not forwarded.
-    """
-    wrapped = vars(self).get('wrapped')
-    if name.startswith('_') or wrapped is None:
-      raise AttributeError(
-          f'{type(self).__name__!r} object has no attribute {name!r}')
-    return getattr(wrapped, name)
 
   # -- named adapters ----------------------------------------------------
 

@@ -70,7 +70,7 @@ def _reduced_axes(geometry: Geometry, lead: int) -> tuple[int, ...]:
   return tuple(a + lead for a in geometry.contracted_axes)
 
 
-class SimulateQuantized(nnx.Module):
+class SimulateQuantized(registry.ReadsThrough, nnx.Module):
   """Any registered layer whose kernel is fake-quantized in the forward pass.
 
   The params are the wrapped layer's; the forward is the layer's own
@@ -114,14 +114,6 @@ class SimulateQuantized(nnx.Module):
     self.wrapped = wrapped
     self.method = method
     self.geometry = geometry
-
-  def __getattr__(self, name: str):
-    """Attributes the wrapper lacks are read from the wrapped layer."""
-    wrapped = vars(self).get('wrapped')
-    if name.startswith('_') or wrapped is None:
-      raise AttributeError(
-          f'{type(self).__name__!r} object has no attribute {name!r}')
-    return getattr(wrapped, name)
 
   def __treescope_repr__(self, path, subtree_renderer):
     from peft.nnx import visual  # pylint: disable=g-import-not-at-top

@@ -45,6 +45,7 @@ from peft.geometry import Geometry
 
 __all__ = [
     'LayerType',
+    'ReadsThrough',
     'register_layer',
     'layer_type',
     'geometry_of',
@@ -81,6 +82,30 @@ class LayerType:
 
 
 _REGISTRY: dict[type, LayerType] = {}
+
+
+class ReadsThrough:
+  """Mixin of wrappers: attributes they lack are read from `self.wrapped`.
+
+  A wrapper stands in for its layer, so code that reads the layer's
+  configuration (`in_features`, `einsum_str`, tunix's `shape`) keeps working
+  after surgery. Only used when normal lookup fails; private names are not
+  forwarded.
+
+  Examples:
+    >>> from flax import nnx
+    >>> import peft.nnx as pnnx
+    >>> pnnx.LoRALinear(nnx.Linear(3, 4, rngs=nnx.Rngs(0)), rank=1,
+    ...                 rngs=nnx.Rngs(1)).in_features
+    3
+  """
+
+  def __getattr__(self, name: str):
+    wrapped = vars(self).get('wrapped')
+    if name.startswith('_') or wrapped is None:
+      raise AttributeError(
+          f'{type(self).__name__!r} object has no attribute {name!r}')
+    return getattr(wrapped, name)
 
 
 def register_layer(
