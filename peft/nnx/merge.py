@@ -78,12 +78,13 @@ def merge_lora(
 
   Examples:
     >>> from flax import nnx
-    >>> from peft.nnx import surgery
-    >>> model = nnx.Sequential(nnx.Linear(2, 3, rngs=nnx.Rngs(0)))
-    >>> model = surgery.apply_lora(model, rank=1, rngs=nnx.Rngs(1))
-    >>> model = surgery.merge_lora(model)
-    >>> type(model.layers[0]).__name__
-    'Linear'
+    >>> import peft.nnx as pnnx
+    >>> model = nnx.Sequential(nnx.Linear(64, 32, rngs=nnx.Rngs(0)))
+    >>> model = pnnx.quantize(model, method='int8')
+    >>> model = pnnx.apply_lora(model, rank=2, rngs=nnx.Rngs(1))
+    >>> model = pnnx.merge_lora(model, dequantize=True)  # a float layer again
+    >>> type(model.layers[0]).__name__, model.layers[0].kernel.dtype
+    ('Linear', dtype('float32'))
   """
   idx, selected = select_layers(
       model,

@@ -134,8 +134,12 @@ def apply_lora(
       unless `dry_run`.
     expected_count: if given, the number of layers that must match.
     dry_run: return the list of paths that would be wrapped; change nothing.
+    name: the adapter's name (see `peft.nnx.adapters`): layers already
+      wrapped get one more adapter under `name` (inactive until
+      `set_active_adapters`); None keeps the default adapter and skips
+      wrapped layers.
     **kwargs: passed to the wrappers (`use_rslora`, `a_init`, `b_init`,
-      `dtype`, `param_dtype`).
+      `dtype`, `param_dtype`, `dropout`, `init='pissa'`, `dora=True`).
 
   Returns:
     The model (or the list of paths if `dry_run`).
