@@ -257,7 +257,11 @@ def _as_float_array(x: Any, fn_name: str, name: str = 'x') -> jax.Array:
           f' {type(x).__name__}.'
       )
     try:
-      x = jnp.asarray(x)
+      # numpy first: jnp.asarray reads strings inside lists as dtype names.
+      host = x if isinstance(x, np.ndarray) else np.asarray(x)
+      if host.dtype.kind in 'OSUaV':
+        raise TypeError(f'elements of dtype {host.dtype}')
+      x = jnp.asarray(host)
     except (TypeError, ValueError) as e:
       raise TypeError(
           f'{fn_name}: `{name}` must be {accepts}, got'

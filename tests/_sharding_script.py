@@ -154,11 +154,11 @@ def _nnx_quant_specs(model) -> dict:
   by its `qarray` property); recorded with the actual arrays' shardings and
   the specs `nnx.get_partition_spec` gives from their metadata.
   """
+  from peft.nnx.quantized import QuantizedLayer  # pylint: disable=g-import-not-at-top
   from peft.quantization import QArray  # pylint: disable=g-import-not-at-top
   out = {}
   for path, node in nnx.iter_graph(model):
-    value = getattr(node, 'qarray', None) if isinstance(
-        node, nnx.Module) else None
+    value = node.qarray if isinstance(node, QuantizedLayer) else None
     if isinstance(value, QArray):
       meta = {}
       for name in ('values', 'scale'):

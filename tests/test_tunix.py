@@ -14,13 +14,26 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import flax
 import pytest
 from flax import nnx
 
 import peft.nnx as pnnx
 
+_ALWAYS_SHARD = flax.config.flax_always_shard_variable
 llama3 = pytest.importorskip('tunix.models.llama3.model')
 peft_trainer = pytest.importorskip('tunix.sft.peft_trainer')
+# Importing tunix turns flax's `flax_always_shard_variable` off for the whole
+# process (tunix.utils.env_utils), and its models need it off; the other tests
+# of this worker need it as it was.
+flax.config.update('flax_always_shard_variable', _ALWAYS_SHARD)
+
+
+@pytest.fixture(autouse=True)
+def _tunix_flax_config():
+  flax.config.update('flax_always_shard_variable', False)
+  yield
+  flax.config.update('flax_always_shard_variable', _ALWAYS_SHARD)
 
 pytestmark = [
     # tunix builds nnx.Param(..., sharding=...): flax warns from its own

@@ -57,7 +57,7 @@ def test_lora_linear_text_header_and_counts():
   assert f'trainable {2 * 1024 * 8:,}' in first
   assert f'frozen {1024 * 1024 + 1024:,}' in first
   assert '# frozen' in text and '# trainable' in text
-  assert 'LoRALinearAdapter(rank=8, scale=2.0, a 1024×8, b 8×1024)' in text
+  assert 'LoRAAdapter(rank=8, scale=2.0, a 1024×8, b 8×1024)' in text
 
 
 def test_model_text_names_wrappers_ranks_and_methods():

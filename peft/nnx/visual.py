@@ -321,7 +321,11 @@ def lora_treescope_repr(self, path, subtree_renderer):
 
   """
   header = [rp.text(f'({_adapters_label(self)}) ▸ {describe(self.wrapped)}')]
-  names = _attr_names(self, ('wrapped', 'lora', 'adapters'))
+  # The header already says which adapters there are and how they are used.
+  shown_in_header = ('adapter_names', 'adapter_weights', 'adapter_ids',
+                     'enabled', 'init')
+  names = [n for n in _attr_names(self, ('wrapped', 'lora', 'adapters'))
+           if n not in shown_in_header]
   marks = {'wrapped': _comment('  # frozen'), 'lora': _trainable_mark(),
            'adapters': _trainable_mark()}
   c = _counts(self)
