@@ -23,7 +23,6 @@ __all__ = [
     'is_data_attribute',
     # linen
     'push_linen_interceptor',
-    'linen_einsum_bias_shape',
 ]
 
 # nnx ----------------------------------------------------------------------
@@ -129,36 +128,3 @@ def push_linen_interceptor(fn: Callable[..., Any]) -> Callable[[], None]:
         return
 
   return remove
-
-
-def linen_einsum_bias_shape(einsum: nn.Einsum, einsum_str: str, inputs: Any,
-                            kernel: Any) -> tuple[int, ...]:
-  """The bias shape linen's `nn.Einsum` creates for `einsum_str`.
-
-  Wraps the private method `nn.Einsum._get_bias_shape(einsum_str, inputs,
-  kernel)` (flax >= 0.8, unchanged to at least 0.12.8; it returns
-  `(bias_shape, broadcasted_bias_shape)`). peft's linen quantization wrappers
-  create the bias themselves and must give it exactly the shape `nn.Einsum`
-  would, so a checkpoint of the float layer loads; flax has no public
-  function for it.
-
-  Examples:
-    >>> import flax.linen as nn, jax, jax.numpy as jnp
-    >>> from peft import _compat
-    >>> layer = nn.Einsum(shape=(4, 2, 3), einsum_str='bi,imn->bmn')
-    >>> _compat.linen_einsum_bias_shape(
-    ...     layer, 'bi,imn->bmn', jnp.ones((5, 4)), jnp.ones((4, 2, 3)))
-    (2, 3)
-
-  Args:
-    einsum: the `nn.Einsum` (bound or not).
-    einsum_str: the einsum string used for the call.
-    inputs: the input array (or anything with `.shape` / `.ndim`).
-    kernel: the kernel array (or a `jax.ShapeDtypeStruct`).
-
-  Returns:
-    The bias shape as a tuple of ints.
-  """
-  get_bias_shape = einsum._get_bias_shape  # pylint: disable=protected-access
-  bias_shape, _ = get_bias_shape(einsum_str, inputs, kernel)
-  return tuple(int(d) for d in bias_shape)
