@@ -154,6 +154,16 @@ def _factor_param(value, names, meta) -> nnx.LoRAParam:
 # ---------------------------------------------------------------------------
 
 
+def _two_step(g: Geometry, ndim: int) -> tuple[str, str, str]:
+  """`(h, 'x,a->h', 'h,b->out')` subscripts of the adapter's two matmuls."""
+  lora = g.lora_einsum_str(ndim=ndim)
+  ins_ab, outs = lora.split('->')
+  ins, a_str, b_str = ins_ab.split(',')
+  r = a_str[-1]
+  h = ''.join(c for c in ins if c not in g.contracted) + r
+  return h, f'{ins},{a_str}->{h}', f'{h},{b_str}->{outs}'
+
+
 class LoRAAdapter(nnx.Module):
   """The LoRA branch of a layer: `scale * einsum(x, a, b)` only.
 
@@ -296,10 +306,16 @@ class LoRAAdapter(nnx.Module):
     return x, a * self.scale[...].astype(a.dtype), b
 
   def __call__(self, x: jax.Array, out_sharding=None) -> jax.Array:
-    """`scale * einsum(x, a, b)` in the wrapped layer's geometry."""
+    """`scale * einsum(x, a, b)` in the wrapped layer's geometry.
+
+    Two contractions, `x @ a` first (the rank-sized intermediate), as flax's
+    `nnx.LoRA` does.
+    """
     x, a, b = self.factors(x)
-    return jnp.einsum(self.geometry.lora_einsum_str(ndim=x.ndim), x, a, b,
-                      precision=self.precision, out_sharding=out_sharding)
+    h_str, x_a, h_b = _two_step(self.geometry, x.ndim)
+    h = jnp.einsum(x_a, x, a, precision=self.precision)
+    return jnp.einsum(h_b, h, b, precision=self.precision,
+                      out_sharding=out_sharding)
 
   def delta(self) -> jax.Array:
     """`scale * (a @ b)` shaped like the wrapped kernel, in float32."""
