@@ -34,8 +34,10 @@ import jax
 import jax.numpy as jnp
 
 from peft.geometry import Geometry
+from peft.nnx.adapter import _factor_param
 
-__all__ = ['column_norm', 'to_output', 'norm_letters']
+__all__ = ['column_norm', 'to_output', 'norm_letters', 'init_magnitude',
+           'forward', 'delta']
 
 
 def norm_letters(g: Geometry) -> str:
@@ -94,3 +96,82 @@ def to_output(g: Geometry, v: jax.Array, ndim: int) -> jax.Array:
   moved = jnp.einsum(f'{norm_letters(g)}->{letters}', v)
   size = dict(zip(g.kernel, g.kernel_shape))
   return jnp.reshape(moved, [size[c] if c in letters else 1 for c in outs])
+
+
+# ---------------------------------------------------------------------------
+# DoRA on a `peft.nnx.LoRA` wrapper (its single adapter `layer.lora`)
+# ---------------------------------------------------------------------------
+
+
+def _norms(layer, w: jax.Array) -> jax.Array:
+  """`||W + s * a @ b||` per channel of every stacked slice (float32)."""
+  ad = layer.lora
+  return _per_slice(
+      lambda w, a, b, s: column_norm(ad.geometry, w, a, b, s),
+      len(ad.leading_shape))(w, ad.a[...], ad.b[...], ad.scale[...])
+
+
+def init_magnitude(layer, kernel_names: tuple | None, meta: dict) -> None:
+  """Gives `layer.lora` a magnitude: the column norms of `W + s * a @ b`.
+
+  The output of the layer is unchanged by it. `kernel_names` are the
+  kernel's sharding names (the magnitude keeps those of the batch and output
+  axes); `meta` the mesh / sharding rules for the new parameter.
+  """
+  ad = layer.lora
+  norm = _norms(layer, layer.base_kernel())
+  names = None
+  if kernel_names is not None:
+    lead = len(ad.leading_shape)
+    by_letter = dict(zip(ad.geometry.kernel, kernel_names[lead:]))
+    names = tuple(kernel_names[:lead]) + tuple(
+        by_letter.get(c) for c in norm_letters(ad.geometry))
+  ad.magnitude = _factor_param(norm.astype(ad.param_dtype), names, meta)
+
+
+def forward(layer, x: jax.Array, y: jax.Array, out_sharding=None) -> jax.Array:
+  """`bias + (m / n) * (y - bias + s * x @ a @ b)`, `y = wrapped(x)`.
+
+  `n` is the DoRA norm, constant in the gradient.
+  """
+  ad = layer.lora
+  g = ad.geometry
+  norm = jax.lax.stop_gradient(column_norm(
+      g, layer.base_kernel(), ad.a[...], ad.b[...], ad.scale[...]))
+  mag = jnp.asarray(ad.magnitude[...], jnp.float32)
+  ratio = jnp.where(norm > 0, mag / jnp.where(norm > 0, norm, 1.0), 1.0)
+  xi, a, b = ad.factors(x)
+  lora = jnp.einsum(g.lora_einsum_str(ndim=xi.ndim), xi, a, b,
+                    precision=ad.precision, out_sharding=out_sharding)
+  ratio = to_output(g, ratio, xi.ndim).astype(y.dtype)
+  bias = layer.base_bias()
+  if bias is None:
+    return ratio * (y + lora.astype(y.dtype))
+  bias = jnp.reshape(bias, g.bias_broadcast_shape(xi.ndim)).astype(y.dtype)
+  return bias + ratio * (y - bias + lora.astype(y.dtype))
+
+
+def delta(layer) -> jax.Array:
+  """`W' - W` shaped like the kernel (float32): what `merge_lora` adds."""
+  ad = layer.lora
+  w = layer.base_kernel()
+  ratio = jnp.asarray(ad.magnitude[...], jnp.float32) / _norms(layer, w)
+  return _expand_to_kernel(ad.geometry, ratio) * (w + ad.delta()) - w
+
+
+def _per_slice(fn, n_lead: int):
+  """`fn` mapped over `n_lead` leading stacking axes of every argument."""
+  for _ in range(n_lead):
+    fn = jax.vmap(fn)
+  return fn
+
+
+def _expand_to_kernel(g: Geometry, v: jax.Array) -> jax.Array:
+  """A per-channel vector `(*lead, *batch, *output)` broadcast to the kernel."""
+  size = dict(zip(g.kernel, g.kernel_shape))
+  letters = norm_letters(g)
+  ordered = ''.join(c for c in g.kernel if c in letters)
+  moved = jnp.einsum(f'...{letters}->...{ordered}', v)
+  lead = v.shape[:v.ndim - len(letters)]
+  return jnp.reshape(moved, lead + tuple(
+      size[c] if c in letters else 1 for c in g.kernel))

@@ -34,6 +34,7 @@ from peft.geometry import Geometry
 from peft.nnx import dora as _dora
 from peft.nnx import quantized as _q
 from peft.nnx import registry
+from peft.nnx import routing as _routing
 from peft.nnx.adapter import _DEFAULT_A_INIT
 from peft.nnx.adapter import _DEFAULT_B_INIT
 from peft.nnx.adapter import Initializer
@@ -268,26 +269,9 @@ class LoRA(registry.ReadsThrough, nnx.Module):
     if not isinstance(dora, bool):
       raise TypeError(f'dora must be a bool, got {dora!r}')
     if dora:
-      self._dora_init(base)
+      _dora.init_magnitude(self, base.names, base.meta)
 
   # -- DoRA ----------------------------------------------------------------
-
-  def _dora_init(self, base: _Base) -> None:
-    """Magnitude = the column norms of `W + s * a @ b` (output unchanged)."""
-    ad = self.lora
-    norm = _per_slice(
-        lambda w, a, b, s: _dora.column_norm(ad.geometry, w, a, b, s),
-        len(ad.leading_shape))(self.base_kernel(), ad.a[...], ad.b[...],
-                               ad.scale[...])
-    names = None
-    if base.names is not None:
-      lead = len(ad.leading_shape)
-      by_letter = dict(zip(ad.geometry.kernel, base.names[lead:]))
-      names = tuple(base.names[:lead]) + tuple(
-          by_letter.get(c) for c in _dora.norm_letters(ad.geometry))
-    from peft.nnx.adapter import _factor_param  # pylint: disable=g-import-not-at-top
-    ad.magnitude = _factor_param(norm.astype(ad.param_dtype), names,
-                                 base.meta)
 
   def base_kernel(self) -> jax.Array:
     """The kernel the wrapped layer computes with, as a float32 array.
@@ -302,7 +286,8 @@ class LoRA(registry.ReadsThrough, nnx.Module):
       return jnp.asarray(w.quantized_kernel(), jnp.float32)
     return jnp.asarray(_float_kernel(w)[...], jnp.float32)
 
-  def _base_bias(self):
+  def base_bias(self) -> jax.Array | None:
+    """The wrapped layer's bias value (or None)."""
     w = self.wrapped
     if isinstance(w, (_q.QuantizedLayer, _q.SimulateQuantized)):
       var = getattr(w, 'bias', None)
@@ -310,24 +295,6 @@ class LoRA(registry.ReadsThrough, nnx.Module):
       entry = registry.layer_type(w)
       var = getattr(w, entry.bias, None) if entry.bias else None
     return None if var is None else var[...]
-
-  def _dora(self, x, y, out_sharding):
-    """`bias + (m / n) * (x @ W + s * x @ a @ b)`, `n` the DoRA norm."""
-    ad = self.lora
-    g = ad.geometry
-    norm = jax.lax.stop_gradient(_dora.column_norm(
-        g, self.base_kernel(), ad.a[...], ad.b[...], ad.scale[...]))
-    mag = jnp.asarray(ad.magnitude[...], jnp.float32)
-    ratio = jnp.where(norm > 0, mag / jnp.where(norm > 0, norm, 1.0), 1.0)
-    xi, a, b = ad.factors(x)
-    lora = jnp.einsum(g.lora_einsum_str(ndim=xi.ndim), xi, a, b,
-                      precision=ad.precision, out_sharding=out_sharding)
-    ratio = _dora.to_output(g, ratio, xi.ndim).astype(y.dtype)
-    bias = self._base_bias()
-    if bias is None:
-      return ratio * (y + lora.astype(y.dtype))
-    bias = jnp.reshape(bias, g.bias_broadcast_shape(xi.ndim)).astype(y.dtype)
-    return bias + ratio * (y - bias + lora.astype(y.dtype))
 
   # -- named adapters ----------------------------------------------------
 
@@ -506,71 +473,14 @@ class LoRA(registry.ReadsThrough, nnx.Module):
         raise ValueError(
             'DoRA adapters are supported on layers with a single adapter;'
             ' this layer has ' + str(list(self.adapter_names)))
-      return self._dora(x, y, out_sharding)
+      return _dora.forward(self, x, y, out_sharding)
     if self.adapter_ids is not None:
-      delta = self._per_example(x)
+      delta = _routing.per_example(self, x)
     elif self.adapter_weights is None:
       delta = self.lora(x, out_sharding=out_sharding)
     else:
-      delta = self._weighted(x, out_sharding)
+      delta = _routing.weighted(self, x, out_sharding)
     return y + delta.astype(y.dtype)
-
-  def _weighted(self, x, out_sharding):
-    """`sum_i w_i * adapter_i(x)`, skipping adapters of weight 0."""
-    weights = self.adapter_weights[...]
-    total = None
-    for i, (_, ad) in enumerate(self.named_adapters()):
-      xi, a, b = ad.factors(x)
-      spec = ad.geometry.lora_einsum_str(ndim=xi.ndim)
-      run = lambda xi, a, b, w, spec=spec, ad=ad: (
-          jnp.einsum(spec, xi, a, b, precision=ad.precision,
-                     out_sharding=out_sharding) * w.astype(xi.dtype))
-      shape = jax.eval_shape(run, xi, a, b, weights[i])
-      out = jax.lax.cond(
-          weights[i] != 0, run,
-          lambda *_, shape=shape: jnp.zeros(shape.shape, shape.dtype),
-          xi, a, b, weights[i])
-      total = out if total is None else total + out
-    return total
-
-  def _per_example(self, x):
-    """Example `i` through adapter `ids[i]` (a rank-padded bank; -1: none)."""
-    g = self.lora.geometry
-    ads = [ad for _, ad in self.named_adapters()]
-    r_max = max(ad.rank for ad in ads)
-    r_axis_b = len(g.batch)
-    a_bank, b_bank = [], []
-    xp = None
-    for ad in ads:
-      xi, a, b = ad.factors(x)
-      xp = xi if xp is None else xp
-      pad = r_max - ad.rank
-      a_bank.append(jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, pad)]))
-      b_bank.append(jnp.pad(b, [(0, pad) if i == r_axis_b else (0, 0)
-                                for i in range(b.ndim)]))
-    a_bank, b_bank = jnp.stack(a_bank), jnp.stack(b_bank)
-    ins, outs = g.subscripts(xp.ndim, reserved=g.rank_letter())
-    e = ins[0]
-    if e in g.kernel:
-      raise ValueError(
-          f'per-example adapters need the first input axis to be the example'
-          f' axis, but it is kernel axis {e!r} of {g.einsum_str!r}'
-      )
-    ids = self.adapter_ids[...]
-    if ids.shape != (xp.shape[0],):
-      raise ValueError(
-          f'adapter ids have shape {ids.shape}, the inputs have'
-          f' {xp.shape[0]} examples; call set_adapter_ids with one id per'
-          ' example'
-      )
-    index = jnp.clip(ids, 0, len(ads) - 1)
-    a_str, b_str = g.lora_strs()
-    out = jnp.einsum(f'{ins},{e}{a_str},{e}{b_str}->{outs}', xp,
-                     a_bank[index], b_bank[index], precision=self.lora.precision)
-    mask = (ids >= 0).astype(out.dtype)
-    shape = [1] * out.ndim
-    shape[outs.index(e)] = -1
-    return out * jnp.reshape(mask, shape)
 
   def delta(self) -> jax.Array:
     """`sum_i w_i * scale_i * (a_i @ b_i)` shaped like the kernel (float32).
@@ -585,15 +495,7 @@ class LoRA(registry.ReadsThrough, nnx.Module):
           ' no single delta. Call set_active_adapters first.'
       )
     if self.lora.magnitude is not None:  # DoRA: W' - W
-      ad = self.lora
-      lead = len(ad.leading_shape)
-      w = self.base_kernel()
-      norm = _per_slice(
-          lambda w, a, b, s: _dora.column_norm(ad.geometry, w, a, b, s),
-          lead)(w, ad.a[...], ad.b[...], ad.scale[...])
-      ratio = jnp.asarray(ad.magnitude[...], jnp.float32) / norm
-      ratio = _expand_to_kernel(ad.geometry, ratio)
-      return ratio * (w + ad.delta()) - w
+      return _dora.delta(self)
     if self.adapter_weights is None:
       return self.lora.delta()
     weights = self.adapter_weights[...]
@@ -603,24 +505,6 @@ class LoRA(registry.ReadsThrough, nnx.Module):
   def __treescope_repr__(self, path, subtree_renderer):
     from peft.nnx import visual  # pylint: disable=g-import-not-at-top
     return visual.lora_treescope_repr(self, path, subtree_renderer)
-
-
-def _per_slice(fn, n_lead: int):
-  """`fn` mapped over `n_lead` leading stacking axes of every argument."""
-  for _ in range(n_lead):
-    fn = jax.vmap(fn)
-  return fn
-
-
-def _expand_to_kernel(g: Geometry, v: jax.Array) -> jax.Array:
-  """A per-channel vector `(*lead, *batch, *output)` broadcast to the kernel."""
-  size = dict(zip(g.kernel, g.kernel_shape))
-  letters = _dora.norm_letters(g)
-  ordered = ''.join(c for c in g.kernel if c in letters)
-  moved = jnp.einsum(f'...{letters}->...{ordered}', v)
-  lead = v.shape[:v.ndim - len(letters)]
-  return jnp.reshape(moved, lead + tuple(
-      size[c] if c in letters else 1 for c in g.kernel))
 
 
 def _check_base(wrapper: str, wrapped, accepts: tuple[type, ...]) -> None:
