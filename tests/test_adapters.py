@@ -213,3 +213,12 @@ def test_lora_state_by_name():
   first = {'/'.join(map(str, p)) for p, _ in nnx.to_flat_state(
       pnnx.lora_state(model, 'a'))}
   assert first == {'up/lora/a', 'up/lora/b', 'down/lora/a', 'down/lora/b'}
+
+
+@pytest.mark.parametrize('path', ['dense', 'gather'])
+def test_per_example_paths_match_single_adapter_models(path, monkeypatch):
+  """Both formulations (dense masked, rank-padded gather) are exact."""
+  from peft.nnx import routing  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(routing, '_FLOPS_PER_FLOAT_MOVED',
+                      float('inf') if path == 'dense' else 0)
+  test_per_example_routing_matches_single_adapter_models()
