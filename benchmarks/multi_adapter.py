@@ -7,6 +7,10 @@ Three ways to serve 32 examples that use 4 adapters (8 examples each):
 * `single`: one call of 32 examples with a single adapter active (the cost
   the mixed batch is compared with; target: mixed <= 1.3x single).
 
+Also timed, for reference: `weighted` (one call of 32 examples with two
+adapters active, weights 0.5 each: the `set_active_adapters` path) and
+`plain` (a model with only one adapter: no routing at all).
+
 Models: the 4x1024 MLP (batch 32 rows) and a 2-layer transformer block
 stack (d_model 256, 4 heads, sequence 64, Einsum projections). Every call is
 a `jax.jit` of a function of the split state (no `nnx.jit` dispatch cost),
@@ -14,6 +18,12 @@ warmed up, then timed `--reps` times with `block_until_ready`; the script
 prints medians and the ratios.
 
 Run: `python benchmarks/multi_adapter.py [--reps 30]`.
+
+`--sweep` instead times the two formulations of per-example routing
+(`peft.nnx.routing`: dense masked and rank-padded gather) on one
+1024x1024 Linear for several numbers of adapters and tokens per example, and
+prints which one the static rule picks (`routing._use_dense`): the data
+behind `routing._FLOPS_PER_FLOAT_MOVED`.
 """
 
 from __future__ import annotations
@@ -108,34 +118,84 @@ def run(name, make, x_shape, reps):
   pnnx.set_adapter_ids(mixed, ids)
   single = _with_adapters(make())
   pnnx.set_active_adapters(single, 'task1')
+  weighted = _with_adapters(make())
+  pnnx.set_active_adapters(weighted, {'task0': 0.5, 'task1': 0.5})
+  plain = make()
+  pnnx.apply_lora(plain, rank=RANKS[1], alpha=2.0 * RANKS[1],
+                  b_init=nnx.initializers.normal(0.1), rngs=nnx.Rngs(1))
   per = BATCH // N_ADAPTERS
   seps = []
   for i in range(N_ADAPTERS):
     m = _with_adapters(make())
     pnnx.set_active_adapters(m, f'task{i}')
     seps.append(m)
-  t_mixed, t_single, t_sep = [], [], []
+  times = {k: [] for k in ('mixed', 'single', 'separate', 'weighted',
+                           'plain')}
   for _ in range(3):  # interleave to spread machine noise
-    t_mixed += _timer(mixed, x, reps)
-    t_single += _timer(single, x, reps)
-    t_sep += [sum(ts) for ts in zip(*[
+    times['mixed'] += _timer(mixed, x, reps)
+    times['single'] += _timer(single, x, reps)
+    times['separate'] += [sum(ts) for ts in zip(*[
         _timer(m, x[i * per:(i + 1) * per], reps)
         for i, m in enumerate(seps)])]
-  med = {k: statistics.median(v) for k, v in
-         (('mixed', t_mixed), ('single', t_single), ('separate', t_sep))}
+    times['weighted'] += _timer(weighted, x, reps)
+    times['plain'] += _timer(plain, x, reps)
+  med = {k: statistics.median(v) for k, v in times.items()}
   print(f'{name}: median ms  mixed {1e3 * med["mixed"]:.3f}  single'
         f' {1e3 * med["single"]:.3f}  4 separate calls'
-        f' {1e3 * med["separate"]:.3f}')
+        f' {1e3 * med["separate"]:.3f}  weighted (2 active)'
+        f' {1e3 * med["weighted"]:.3f}  plain (1 adapter)'
+        f' {1e3 * med["plain"]:.3f}')
   print(f'{name}: mixed / single = {med["mixed"] / med["single"]:.3f}'
         f' (target <= 1.3);  mixed / separate ='
-        f' {med["mixed"] / med["separate"]:.3f}')
+        f' {med["mixed"] / med["separate"]:.3f};  weighted / single ='
+        f' {med["weighted"] / med["single"]:.3f};  mixed / plain ='
+        f' {med["mixed"] / med["plain"]:.3f}')
   return med
+
+
+def sweep(reps):
+  """Dense vs gather per-example routing on one Linear(1024, 1024)."""
+  from peft.nnx import routing  # pylint: disable=g-import-not-at-top
+  print('adapters  tokens/example  dense ms  gather ms  rule picks')
+  for n in (2, 4, 16, 64):
+    for t in (1, 16, 128):
+      x = jax.random.normal(jax.random.key(0), (BATCH, t, 1024))
+      res = {}
+      for path in ('dense', 'gather'):
+        model = _Routed(nnx.Linear(1024, 1024, rngs=nnx.Rngs(0)), path)
+        for i in range(n):
+          pnnx.apply_lora(model, rank=16, name=f't{i}',
+                          b_init=nnx.initializers.normal(0.1),
+                          rngs=nnx.Rngs(i))
+        pnnx.set_adapter_ids(model, jnp.arange(BATCH) % n)
+        res[path] = statistics.median(_timer(model, x, reps))
+      pick = 'dense' if routing._use_dense(  # pylint: disable=protected-access
+          [16] * n, BATCH, BATCH * t) else 'gather'
+      print(f'{n:8d}  {t:14d}  {1e3 * res["dense"]:8.3f}'
+            f'  {1e3 * res["gather"]:9.3f}  {pick}')
+
+
+class _Routed(nnx.Module):
+  """Calls `routing.per_example` on a wrapped layer with a fixed path."""
+
+  def __init__(self, layer, path):
+    self.layer = layer
+    self.path = path
+
+  def __call__(self, x):
+    from peft.nnx import routing  # pylint: disable=g-import-not-at-top
+    return routing.per_example(self.layer, x, path=self.path)
 
 
 def main():
   parser = argparse.ArgumentParser()
   parser.add_argument('--reps', type=int, default=30)
+  parser.add_argument('--sweep', action='store_true',
+                      help='time dense vs gather routing instead')
   args = parser.parse_args()
+  if args.sweep:
+    sweep(args.reps)
+    return
   run('4x1024 MLP', lambda: MLP(nnx.Rngs(0)), (1024,), args.reps)
   run('2-layer transformer', lambda: Transformer(nnx.Rngs(0)), (64, 256),
       args.reps)
