@@ -156,7 +156,8 @@ def run(name, make, x_shape, reps):
 def sweep(reps):
   """Dense vs gather per-example routing on one Linear(1024, 1024)."""
   from peft.nnx import routing  # pylint: disable=g-import-not-at-top
-  print('adapters  tokens/example  dense ms  gather ms  rule picks')
+  print('adapters  tokens/example  dense ms  gather ms  rule picks'
+        '  (medians; minima in brackets)')
   for n in (2, 4, 16, 64):
     for t in (1, 16, 128):
       x = jax.random.normal(jax.random.key(0), (BATCH, t, 1024))
@@ -168,11 +169,13 @@ def sweep(reps):
                           b_init=nnx.initializers.normal(0.1),
                           rngs=nnx.Rngs(i))
         pnnx.set_adapter_ids(model, jnp.arange(BATCH) % n)
-        res[path] = statistics.median(_timer(model, x, reps))
+        res[path] = _timer(model, x, reps)
       pick = 'dense' if routing._use_dense(  # pylint: disable=protected-access
           [16] * n, BATCH, BATCH * t) else 'gather'
-      print(f'{n:8d}  {t:14d}  {1e3 * res["dense"]:8.3f}'
-            f'  {1e3 * res["gather"]:9.3f}  {pick}')
+      d, g = res['dense'], res['gather']
+      print(f'{n:8d}  {t:14d}  {1e3 * statistics.median(d):8.3f}'
+            f' [{1e3 * min(d):.3f}]  {1e3 * statistics.median(g):9.3f}'
+            f' [{1e3 * min(g):.3f}]  {pick}')
 
 
 class _Routed(nnx.Module):
