@@ -14,8 +14,9 @@ adapters active, weights 0.5 each: the `set_active_adapters` path) and
 Models: the 4x1024 MLP (batch 32 rows) and a 2-layer transformer block
 stack (d_model 256, 4 heads, sequence 64, Einsum projections). Every call is
 a `jax.jit` of a function of the split state (no `nnx.jit` dispatch cost),
-warmed up, then timed `--reps` times with `block_until_ready`; the script
-prints medians and the ratios.
+warmed up, then timed `3 * --reps` times with `block_until_ready`, one call
+of each kind per round (so a busy machine slows every kind alike); the
+script prints medians, the ratios, and the minima.
 
 Run: `python benchmarks/multi_adapter.py [--reps 30]`.
 
@@ -96,7 +97,8 @@ def _with_adapters(model):
   return model
 
 
-def _timer(model, x, reps):
+def _prepare(model, x):
+  """A warmed-up `once()` timing one call of the jitted model on `x`."""
   gdef, state = nnx.split(model)
   fn = jax.jit(lambda s, x: nnx.merge(gdef, s)(x))
   fn(state, x).block_until_ready()
@@ -106,6 +108,11 @@ def _timer(model, x, reps):
     t = time.perf_counter()
     fn(state, x).block_until_ready()
     return time.perf_counter() - t
+  return once
+
+
+def _timer(model, x, reps):
+  once = _prepare(model, x)
   return [once() for _ in range(reps)]
 
 
@@ -129,17 +136,18 @@ def run(name, make, x_shape, reps):
     m = _with_adapters(make())
     pnnx.set_active_adapters(m, f'task{i}')
     seps.append(m)
-  times = {k: [] for k in ('mixed', 'single', 'separate', 'weighted',
-                           'plain')}
-  for _ in range(3):  # interleave to spread machine noise
-    times['mixed'] += _timer(mixed, x, reps)
-    times['single'] += _timer(single, x, reps)
-    times['separate'] += [sum(ts) for ts in zip(*[
-        _timer(m, x[i * per:(i + 1) * per], reps)
-        for i, m in enumerate(seps)])]
-    times['weighted'] += _timer(weighted, x, reps)
-    times['plain'] += _timer(plain, x, reps)
+  calls = {'mixed': [_prepare(mixed, x)], 'single': [_prepare(single, x)],
+           'separate': [_prepare(m, x[i * per:(i + 1) * per])
+                        for i, m in enumerate(seps)],
+           'weighted': [_prepare(weighted, x)], 'plain': [_prepare(plain, x)]}
+  times = {k: [] for k in calls}
+  # Round robin, one call of each kind per round: every kind sees the same
+  # machine load (the separate kind sums its 4 calls of one round).
+  for _ in range(3 * reps):
+    for k, fns in calls.items():
+      times[k].append(sum(once() for once in fns))
   med = {k: statistics.median(v) for k, v in times.items()}
+  low = {k: min(v) for k, v in times.items()}
   print(f'{name}: median ms  mixed {1e3 * med["mixed"]:.3f}  single'
         f' {1e3 * med["single"]:.3f}  4 separate calls'
         f' {1e3 * med["separate"]:.3f}  weighted (2 active)'
@@ -150,6 +158,9 @@ def run(name, make, x_shape, reps):
         f' {med["mixed"] / med["separate"]:.3f};  weighted / single ='
         f' {med["weighted"] / med["single"]:.3f};  mixed / plain ='
         f' {med["mixed"] / med["plain"]:.3f}')
+  print(f'{name}: minima ms  mixed {1e3 * low["mixed"]:.3f}  single'
+        f' {1e3 * low["single"]:.3f};  mixed / single ='
+        f' {low["mixed"] / low["single"]:.3f}')
   return med
 
 

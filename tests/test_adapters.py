@@ -383,3 +383,16 @@ def test_per_example_inside_scan_over_stacked_layers():
     rows = ids == k
     np.testing.assert_allclose(y[rows], run(ref, x)[rows], rtol=1e-6,
                                atol=1e-6)
+
+
+def test_weighted_single_adapter_bit_equal_to_plain_layer():
+  """One active adapter of weight 1 among several gives the floats of the
+  layer that only has that adapter (the same two contractions)."""
+  model = _model()
+  pnnx.set_active_adapters(model, 'b')
+  y = model(_x())
+  plain = nnx.clone(model)
+  pnnx.delete_adapter(plain, 'a')
+  pnnx.delete_adapter(plain, 'c')
+  assert plain.up.adapter_weights is None  # the plain one-adapter layout
+  np.testing.assert_array_equal(y, plain(_x()))
