@@ -213,3 +213,186 @@ def test_lora_state_by_name():
   first = {'/'.join(map(str, p)) for p, _ in nnx.to_flat_state(
       pnnx.lora_state(model, 'a'))}
   assert first == {'up/lora/a', 'up/lora/b', 'down/lora/a', 'down/lora/b'}
+
+
+def _force(monkeypatch, path):
+  """Makes `per_example` take `path` and records the paths it took."""
+  from peft.nnx import routing  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(routing, '_FLOPS_PER_FLOAT_MOVED',
+                      float('inf') if path == 'dense' else 0)
+  taken = []
+  for name in ('dense', 'gather'):
+    fn = getattr(routing, f'_{name}')
+    monkeypatch.setattr(routing, f'_{name}', lambda *a, fn=fn, name=name: (
+        taken.append(name), fn(*a))[1])
+  return taken
+
+
+@pytest.mark.parametrize('path', ['dense', 'gather'])
+def test_per_example_paths_match_single_adapter_models(path, monkeypatch):
+  """Both formulations (dense masked, rank-padded gather) are exact."""
+  taken = _force(monkeypatch, path)
+  test_per_example_routing_matches_single_adapter_models()
+  assert taken and set(taken) == {path}
+
+
+def test_dense_path_chosen_for_few_adapters():
+  from peft.nnx import routing  # pylint: disable=g-import-not-at-top
+  # 4 adapters of rank <= 16, 32 examples of one token: dense.
+  assert routing._use_dense([8, 16, 8, 4], examples=32, tokens=32)
+  # 64 adapters of rank 16, long sequences: the gather moves less.
+  assert not routing._use_dense([16] * 64, examples=32, tokens=32 * 512)
+  # one adapter: both cost the same FLOPs, dense needs no gather.
+  assert routing._use_dense([16], examples=8, tokens=8 * 4096)
+
+
+def _routed_rows_match(model, x, ids, *, tol=1e-6, train=False):
+  """Per-example output rows equal single-adapter runs (same rng state)."""
+  ref_base = nnx.clone(model)  # before any call: the same dropout streams
+  pnnx.set_adapter_ids(model, jnp.asarray(ids))
+  y = model(x)
+  names = pnnx.list_adapters(ref_base)
+  for k in sorted(set(int(i) for i in ids)):
+    ref_model = nnx.clone(ref_base)
+    pnnx.set_active_adapters(ref_model, [] if k < 0 else names[k])
+    if train:
+      ref_model.train()
+    ref = ref_model(x)
+    rows = np.flatnonzero(np.asarray(ids) == k)
+    np.testing.assert_allclose(y[rows], ref[rows], rtol=tol, atol=tol)
+  return y
+
+
+class _Geoms(nnx.Module):
+  """LinearGeneral (two contracted axes), Einsum with a kernel batch axis."""
+
+  def __init__(self, rngs, dtype=jnp.float32):
+    kw = dict(rngs=rngs, precision=_HI, param_dtype=dtype, dtype=dtype)
+    self.lg = nnx.LinearGeneral((3, 4), (2, 5), axis=(-2, -1), **kw)
+    self.ex = nnx.Einsum('bted,edf->btef', (2, 5, 6), **kw)
+    self.lg1 = nnx.LinearGeneral(6, 7, axis=1, **kw)
+
+  def __call__(self, x):  # x: [b, t, 3, 4]
+    h = self.lg(x)  # [b, t, 2, 5]
+    h = self.ex(jnp.tanh(h))  # [b, t, 2, 6]
+    return self.lg1(jnp.swapaxes(h, 1, 3))  # axis 1 (6) -> [b, 2, t, 7]
+
+
+def _geoms(dtype=jnp.float32, dropout=0.0):
+  model = _Geoms(nnx.Rngs(0), dtype)
+  for i, r in enumerate((3, 1, 5)):
+    pnnx.apply_lora(model, rank=r, alpha=1.5 * r, name=f'g{i}',
+                    b_init=nnx.initializers.normal(0.5), dropout=dropout,
+                    rngs=nnx.Rngs(i + 1))
+  return model
+
+
+@pytest.mark.parametrize('path', ['dense', 'gather'])
+def test_per_example_geometries(path, monkeypatch):
+  """LinearGeneral (several / non-negative axes) and an Einsum with a kernel
+  batch axis: routed rows equal single-adapter runs on both paths."""
+  taken = _force(monkeypatch, path)
+  x = jax.random.normal(jax.random.key(3), (5, 2, 3, 4))
+  ids = np.array([2, -1, 0, 1, 2])
+  y = _routed_rows_match(_geoms(), x, ids)
+  assert y.shape == (5, 2, 2, 7) and set(taken) == {path}
+  assert len(taken) == 3  # every layer routed
+
+
+@pytest.mark.parametrize('path', ['dense', 'gather'])
+def test_per_example_dropout_uses_each_adapters_stream(path, monkeypatch):
+  """With dropout on, example e sees the dropout of its own adapter: rows
+  equal a single-adapter model with the same rng state."""
+  _force(monkeypatch, path)
+  model = _geoms(dropout=0.5)
+  model.train()
+  x = jax.random.normal(jax.random.key(4), (6, 2, 3, 4))
+  ids = np.array([0, 1, 2, 2, 1, 0])
+  y = _routed_rows_match(model, x, ids, train=True)
+  model.eval()
+  assert not np.allclose(y, model(x))  # dropout did change the outputs
+
+
+def test_per_example_bfloat16_paths_agree(monkeypatch):
+  """bfloat16 params: both paths agree and stay near the float32 model
+  holding the same (rounded) values."""
+  x = jax.random.normal(jax.random.key(5), (4, 2, 3, 4))
+  ids = jnp.array([1, 0, -1, 2])
+  ref = _geoms(jnp.float32)
+  params = jax.tree.map(lambda v: v.astype(jnp.bfloat16),
+                        nnx.state(ref, nnx.Param))
+  nnx.update(ref, jax.tree.map(lambda v: v.astype(jnp.float32), params))
+  pnnx.set_adapter_ids(ref, ids)
+  out = {}
+  for path in ('dense', 'gather'):
+    with monkeypatch.context() as mp:
+      _force(mp, path)
+      model = _geoms(jnp.bfloat16)
+      nnx.update(model, params)
+      pnnx.set_adapter_ids(model, ids)
+      out[path] = model(x)
+  assert out['dense'].dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(out['dense'], np.float32),
+                             np.asarray(out['gather'], np.float32),
+                             rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(np.asarray(out['dense'], np.float32), ref(x),
+                             rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize('path', ['dense', 'gather'])
+def test_per_example_gradients_on_both_paths(path, monkeypatch):
+  _force(monkeypatch, path)
+  test_gradients_reach_only_the_routed_adapters()
+
+
+def test_per_example_inside_scan_over_stacked_layers():
+  """Layers stacked by nnx.vmap, applied by nnx.scan: each example's rows
+  equal a run with only its adapter active."""
+
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(8, 8, rngs=nnx.Rngs(key), precision=_HI)
+
+  def build():
+    stack = make(jax.random.split(jax.random.key(0), 3))
+    holder = nnx.Dict(layers=stack)
+    for i, r in enumerate((2, 3)):
+      pnnx.apply_lora(holder, rank=r, name=f's{i}',
+                      b_init=nnx.initializers.normal(0.5),
+                      rngs=nnx.Rngs(i + 1))
+    return holder
+
+  def run(holder, x):
+    from peft.nnx.lora import AdapterIds, AdapterWeights  # pylint: disable=g-import-not-at-top
+    axes = nnx.StateAxes({(AdapterIds, AdapterWeights): None,
+                          ...: 0})
+
+    @nnx.scan(in_axes=(axes, nnx.Carry), out_axes=nnx.Carry)
+    def step(layer, h):
+      return jnp.tanh(layer(h))
+    return step(holder['layers'], x)
+
+  x = jax.random.normal(jax.random.key(6), (4, 8))
+  ids = np.array([1, -1, 0, 1])
+  model = build()
+  pnnx.set_adapter_ids(model, jnp.asarray(ids))
+  y = run(model, x)
+  for k in (-1, 0, 1):
+    ref = build()
+    pnnx.set_active_adapters(ref, [] if k < 0 else f's{k}')
+    rows = ids == k
+    np.testing.assert_allclose(y[rows], run(ref, x)[rows], rtol=1e-6,
+                               atol=1e-6)
+
+
+def test_weighted_single_adapter_bit_equal_to_plain_layer():
+  """One active adapter of weight 1 among several gives the floats of the
+  layer that only has that adapter (the same two contractions)."""
+  model = _model()
+  pnnx.set_active_adapters(model, 'b')
+  y = model(_x())
+  plain = nnx.clone(model)
+  pnnx.delete_adapter(plain, 'a')
+  pnnx.delete_adapter(plain, 'c')
+  assert plain.up.adapter_weights is None  # the plain one-adapter layout
+  np.testing.assert_array_equal(y, plain(_x()))

@@ -350,7 +350,7 @@ class LoRA(registry.ReadsThrough, NamedAdapters, nnx.Module):
             ' this layer has ' + str(list(self.adapter_names)))
       return _dora.forward(self, x, y, out_sharding)
     if self.adapter_ids is not None:
-      delta = _routing.per_example(self, x)
+      delta = _routing.per_example(self, x, out_sharding)
     elif self.adapter_weights is None:
       delta = self.lora(x, out_sharding=out_sharding)
     else:
