@@ -20,9 +20,14 @@ are `base_model.model.<module>.lora_A.weight` (`[r, in]`) and
 Both are strict: every key of the file, every target of the config and every
 shape is checked before anything is changed, and one `ValueError` lists every
 problem. Config fields this library cannot honour (`bias`, `modules_to_save`,
-`use_dora`, embedding LoRA, PiSSA-style initialisations that change the base
+embedding LoRA, PiSSA-style initialisations that change the base
 weights, ...) are errors naming the field, never silently dropped. Factors are
 copied bit for bit in their own dtype, both ways.
+
+DoRA adapters (`use_dora: true`, a `lora_magnitude_vector [out]` per module)
+load into NNX models as `peft.nnx.apply_lora(..., dora=True)` wrappers with
+the magnitude in `layer.lora.magnitude`, and NNX models with DoRA adapters
+save as such.
 
 How HF module names map to JAX paths is a `key_map` (see `KeyMap`). The
 default reads the module name as the path, dots as keys
@@ -84,6 +89,9 @@ from peft.hf._keymaps import (  # noqa: F401
     _check_rules,
     TUNIX_LLAMA3,
     TUNIX_QWEN,
+    _gemma_rules,
+    TUNIX_GEMMA,
+    TUNIX_GEMMA_QKV,
     _apply_map,
     _as_key_map,
 )
@@ -102,6 +110,13 @@ from peft.hf._config import (  # noqa: F401
     _raise,
     _nearby,
 )
+from peft.hf._fused import (  # noqa: F401
+    _SLOT,
+    _split_slot,
+    _fuse,
+    _fused_slot_count,
+    _split_fused,
+)
 from peft.hf._nnx import (  # noqa: F401
     _is_nnx,
     _lora_of,
@@ -113,6 +128,7 @@ from peft.hf._nnx import (  # noqa: F401
     _adapter_of,
     _load_nnx,
     _check_shapes,
+    _check_magnitude,
     _alpha_of,
     _collect_nnx,
 )
@@ -142,6 +158,8 @@ __all__ = [
     'KeyMap',
     'TUNIX_LLAMA3',
     'TUNIX_QWEN',
+    'TUNIX_GEMMA',
+    'TUNIX_GEMMA_QKV',
     'read_adapter_config',
     'load_adapter',
     'save_adapter',

@@ -10,6 +10,8 @@ import re
 import tempfile
 from typing import Mapping
 
+import numpy as np
+
 from flax import nnx
 
 from peft.hf._config import _factors_to_hf
@@ -245,6 +247,12 @@ def save_adapter(
   names = collections.Counter(e['name'] for e in entries)
   errors += [f'{n}: {c} layers map to this HF module' for n, c in names.items()
              if c > 1]
+  dora = {e.get('magnitude') is not None for e in entries}
+  if len(dora) > 1:
+    errors.append(
+        'some layers have DoRA adapters and some plain LoRA ones; a PEFT'
+        ' adapter is all one or the other (use_dora): save them separately'
+        ' (adapter_name=) or give every layer DoRA')
   if errors:
     raise ValueError(f'cannot save {what} as a PEFT adapter:\n'
                      + '\n'.join(f'  {e}' for e in errors))
@@ -263,6 +271,9 @@ def save_adapter(
     lora_a, lora_b = _factors_to_hf(e['a'], e['b'])
     tensors[f'{_PREFIX}{e["name"]}.lora_A.weight'] = lora_a
     tensors[f'{_PREFIX}{e["name"]}.lora_B.weight'] = lora_b
+    if e.get('magnitude') is not None:
+      tensors[f'{_PREFIX}{e["name"]}.lora_magnitude_vector'] = (
+          np.ascontiguousarray(np.reshape(e['magnitude'], (-1,))))
   config = {
       'peft_type': 'LORA',
       'task_type': task_type,
@@ -280,7 +291,7 @@ def save_adapter(
       'fan_in_fan_out': False,
       'init_lora_weights': True,
       'modules_to_save': None,
-      'use_dora': False,
+      'use_dora': dora == {True},
       'inference_mode': True,
   }
   stn = _safetensors_numpy()

@@ -39,7 +39,6 @@ def _config_problems(config: Mapping[str, Any]) -> list[str]:
   bad('modules_to_save', lambda v: not v,
       'fully trained extra modules cannot be loaded into LoRA wrappers;'
       ' load their weights into the base model separately')
-  bad('use_dora', lambda v: not v, 'DoRA adapters are not supported yet')
   bad('use_qalora', lambda v: not v, 'QA-LoRA is not supported')
   bad('use_bdlora', lambda v: not v, 'BD-LoRA is not supported')
   bad('target_parameters', lambda v: not v,
@@ -165,10 +164,12 @@ class _Module:
   rank: int = 0
   alpha: float = 0.0
   use_rslora: bool = False
+  magnitude: np.ndarray | None = None  # DoRA: `lora_magnitude_vector [out]`
+  scale_rank: int = 0  # the rank the scale uses, if not `rank` (fused)
 
   @property
   def scale(self) -> float:
-    return _scale(self.rank, self.alpha, self.use_rslora)
+    return _scale(self.scale_rank or self.rank, self.alpha, self.use_rslora)
 
 
 def _parse_adapter(directory: str, strict: bool):
@@ -183,16 +184,27 @@ def _parse_adapter(directory: str, strict: bool):
   tensors = _read_tensors(directory)
   errors = []
   modules: dict[str, _Module] = {}
-  key_re = re.compile(r'(.+)\.(lora_A|lora_B)\.weight')
+  use_dora = bool(config.get('use_dora', False))
+  key_re = re.compile(r'(.+)\.(lora_A\.weight|lora_B\.weight|'
+                      r'lora_magnitude_vector)')
   for key in sorted(tensors):
     name = key[len(_PREFIX):] if key.startswith(_PREFIX) else None
     m = key_re.fullmatch(name) if name else None
+    if m is not None and m.group(2) == 'lora_magnitude_vector':
+      if not use_dora:
+        errors.append(f'{key}: a DoRA magnitude, but the config says'
+                      ' use_dora=false')
+        continue
+      t = tensors[key]
+      if t.ndim != 1:
+        errors.append(f'{key}: shape {t.shape} is not 1-D')
+        continue
+      modules.setdefault(m.group(1), _Module(m.group(1))).magnitude = t
+      continue
     if m is None:
       hint = ''
       if 'lora_embedding' in key:
         hint = ' (embedding LoRA is not supported)'
-      elif 'lora_magnitude_vector' in key:
-        hint = ' (a DoRA magnitude: DoRA is not supported yet)'
       elif key.endswith('.bias'):
         hint = ' (LoRA biases are not supported)'
       errors.append(f'unsupported key {key!r}{hint}')
@@ -204,7 +216,7 @@ def _parse_adapter(directory: str, strict: bool):
           f'{key}: shape {t.shape} is not 2-D (convolution LoRA is not'
           ' supported)')
       continue
-    if m.group(2) == 'lora_A':
+    if m.group(2) == 'lora_A.weight':
       mod.lora_a = t
     else:
       mod.lora_b = t
@@ -223,6 +235,13 @@ def _parse_adapter(directory: str, strict: bool):
       del modules[name]
       continue
     mod.rank = int(mod.lora_a.shape[0])
+    if use_dora and mod.magnitude is None:
+      errors.append(f'{_PREFIX}{name}: use_dora=true but the file has no'
+                    ' lora_magnitude_vector for it')
+    elif use_dora and mod.magnitude.shape[0] != mod.lora_b.shape[0]:
+      errors.append(
+          f'{_PREFIX}{name}: lora_magnitude_vector {mod.magnitude.shape} does'
+          f' not match lora_B {mod.lora_b.shape} (one entry per output)')
     want = _pattern_value(config.get('rank_pattern'), name, r)
     if int(want) != mod.rank:
       errors.append(

@@ -6,8 +6,6 @@ import dataclasses
 import re
 from typing import Any, Callable, Sequence, Union
 
-
-
 Rules = Sequence[tuple[str, str]]
 MapFn = Callable[[str], Union[str, Sequence[Any], None]]
 
@@ -33,6 +31,12 @@ class KeyMap:
   `load_adapter` also accepts a bare rule list or callable as `key_map`
   (meaning `to_jax`), `save_adapter` a bare one meaning `to_hf`.
 
+  Fused layers (one kernel holding several HF modules stacked along its
+  first output axis, e.g. tunix Gemma's `kv_einsum`, k and v): `to_jax`
+  gives `path[i]` for the module in slot `i`, `to_hf` maps `path[i]` back,
+  and `fused` lists regexes (`re.search`) of the JAX paths of such layers
+  (so that `save_adapter` writes one HF module per slot).
+
   Examples:
     >>> km = KeyMap(to_jax=[(r'^model\\.layers\\.(\\d+)\\.self_attn\\.',
     ...                      r'layers/\\1/attn/')],
@@ -44,14 +48,31 @@ class KeyMap:
     'model.layers.3.self_attn.q_proj'
     >>> KeyMap().jax_path('model.norm')
     'model/norm'
+    >>> TUNIX_GEMMA.jax_path('model.layers.1.self_attn.v_proj')
+    'layers/1/attn/kv_einsum[1]'
   """
 
   to_jax: Rules | MapFn | None = None
   to_hf: Rules | MapFn | None = None
+  fused: Sequence[str] = ()
 
   def __post_init__(self):
     for field in ('to_jax', 'to_hf'):
       _check_rules(getattr(self, field), f'KeyMap.{field}')
+    if isinstance(self.fused, (str, bytes)) or not all(
+        isinstance(f, str) for f in self.fused):
+      raise TypeError(
+          f'KeyMap.fused: expected a tuple of regexes, got {self.fused!r}')
+    for f in self.fused:
+      try:
+        re.compile(f)
+      except re.error as e:
+        raise ValueError(
+            f'KeyMap.fused: {f!r} is not a valid regex ({e})') from None
+
+  def is_fused(self, path: str) -> bool:
+    """Whether the JAX layer at `path` is a fused layer (see `fused`)."""
+    return any(re.search(f, path) for f in self.fused)
 
   def jax_path(self, name: str) -> str | None:
     """The `/`-joined JAX path of HF module `name` (None: no layer)."""
@@ -96,6 +117,35 @@ TUNIX_LLAMA3 = KeyMap(
            (r'^layers/(\d+)/mlp/', r'model.layers.\1.mlp.')),
 )
 TUNIX_QWEN = TUNIX_LLAMA3
+
+
+def _gemma_rules(slots, fused_name):
+  attn = r'^model\.layers\.(\d+)\.self_attn\.'
+  to_jax = [(attn + hf + '$', rf'layers/\1/attn/{jax}') for hf, jax in slots]
+  to_hf = [('^layers/(\\d+)/attn/' + re.escape(jax) + '$',
+            rf'model.layers.\1.self_attn.{hf}') for hf, jax in slots]
+  mlp = ((r'^model\.layers\.(\d+)\.mlp\.', r'layers/\1/mlp/'),
+         (r'^layers/(\d+)/mlp/', r'model.layers.\1.mlp.'))
+  return KeyMap(to_jax=tuple(to_jax) + mlp[:1], to_hf=tuple(to_hf) + mlp[1:],
+                fused=(rf'/attn/{fused_name}$',))
+
+
+#: tunix's NNX Gemma / Gemma2 (`tunix.models.gemma`) with fewer key/value
+#: heads than query heads: `self_attn.q_proj` <-> `layers/N/attn/q_einsum`
+#: (kernel `[heads, embed, head_dim]`), `k_proj` / `v_proj` <-> slots 0 / 1 of
+#: the fused `kv_einsum` (kernel `[2, kv_heads, embed, head_dim]`, one LoRA
+#: for both), `o_proj` <-> `attn_vec_einsum` (`[heads, head_dim, embed]`),
+#: `mlp.{gate,up,down}_proj` <-> `layers/N/mlp/{gate,up,down}_proj`.
+TUNIX_GEMMA = _gemma_rules(
+    (('q_proj', 'q_einsum'), ('k_proj', 'kv_einsum[0]'),
+     ('v_proj', 'kv_einsum[1]'), ('o_proj', 'attn_vec_einsum')), 'kv_einsum')
+
+#: tunix's NNX Gemma with as many key/value heads as query heads (Gemma 7B):
+#: q, k, v are slots 0, 1, 2 of the fused `qkv_einsum` (`[3, heads, embed,
+#: head_dim]`); otherwise as `TUNIX_GEMMA`.
+TUNIX_GEMMA_QKV = _gemma_rules(
+    (('q_proj', 'qkv_einsum[0]'), ('k_proj', 'qkv_einsum[1]'),
+     ('v_proj', 'qkv_einsum[2]'), ('o_proj', 'attn_vec_einsum')), 'qkv_einsum')
 
 
 def _apply_map(rules, name, sep, what):

@@ -15,6 +15,7 @@ from peft.hf._config import (
     _raise, _scale,
 )
 from peft.hf._files import _PREFIX
+from peft.hf._fused import _fuse, _fused_slot_count, _split_fused, _split_slot
 
 
 def _is_nnx(x) -> bool:
@@ -119,8 +120,24 @@ def _load_nnx(directory, model, key_map, strict, rngs, adapter_name):
   config, modules, errors = _parse_adapter(directory, strict)
   layers = _nnx_layers(model)
   plan: dict[str, _Module] = {}
+  pairs, fused = [], collections.defaultdict(dict)
   for name, mod in modules.items():
-    path = key_map.jax_path(name)
+    path, slot = _split_slot(key_map.jax_path(name))
+    if slot is None or path not in layers:
+      pairs.append((key_map.jax_path(name), mod))
+    else:
+      fused[path][slot] = mod
+  for path, slots in fused.items():
+    mod = _fuse(path, slots, errors)
+    count = _fused_slot_count(path, _layer_geometry(layers[path]), errors)
+    if mod is not None and count is not None and count != len(slots):
+      errors.append(
+          f'{path}: {len(slots)} HF modules {mod.name} map to a fused layer'
+          f' with {count} slots (its first output axis)')
+    elif mod is not None and count is not None:
+      pairs.append((path, mod))
+  for path, mod in pairs:
+    name = mod.name
     if path is None or path not in layers:
       if strict:
         errors.append(
@@ -136,8 +153,14 @@ def _load_nnx(directory, model, key_map, strict, rngs, adapter_name):
     lora = _lora_of(layer)
     if lora is not None and not _check_stacked(lora, path, errors):
       continue
-    _check_geometry(mod, path, layer, _adapter_of(layer, adapter_name),
-                    errors)
+    adapter = _adapter_of(layer, adapter_name)
+    _check_geometry(mod, path, layer, adapter, errors)
+    if adapter is not None and (
+        getattr(adapter, 'magnitude', None) is None) != (mod.magnitude is None):
+      errors.append(
+          f'{path}: already has a{" DoRA" * (mod.magnitude is None)} LoRA'
+          f' adapter; the{" DoRA" * (mod.magnitude is not None)} adapter'
+          f' {_PREFIX}{name} cannot be loaded into it')
   _raise(errors, directory, f'the {type(model).__name__} model')
   if not plan:
     raise ValueError(f'the adapter {directory!r} maps to no layer of the model')
@@ -149,15 +172,18 @@ def _load_nnx(directory, model, key_map, strict, rngs, adapter_name):
   groups = collections.defaultdict(list)
   for path, mod in plan.items():
     if _adapter_of(layers[path], adapter_name) is None:
-      groups[(mod.rank, mod.alpha, mod.use_rslora)].append(path)
+      groups[(mod.rank, mod.alpha, mod.use_rslora,
+              mod.magnitude is not None)].append(path)
   was_wrapped = {p for p in plan if _lora_of(layers[p]) is not None}
   name_kw = {} if adapter_name is None else {'name': adapter_name}
   done = []
   try:
-    for (rank, alpha, use_rslora), paths in groups.items():
+    for (rank, alpha, use_rslora, dora), paths in groups.items():
       wanted = set(paths)
+      dora_kw = {'dora': True} if dora else {}
       surgery.apply_lora(
           model, rank=rank, alpha=alpha, use_rslora=use_rslora, rngs=rngs,
+          **dora_kw,
           where=lambda p, m, wanted=wanted: '/'.join(map(str, p)) in wanted,
           expected_count=len(paths), **name_kw)
       done.extend(paths)
@@ -170,6 +196,7 @@ def _load_nnx(directory, model, key_map, strict, rngs, adapter_name):
           errors.append(f'{path}: could not be wrapped with LoRA')
         continue
       _check_shapes(mod, path, lora.a.shape, lora.b.shape, errors)
+      _check_magnitude(mod, path, lora, errors)
     _raise(errors, directory, f'the {type(model).__name__} model')
   except Exception:
     # Undo: new wrappers give their layer back, added adapters are removed.
@@ -188,6 +215,9 @@ def _load_nnx(directory, model, key_map, strict, rngs, adapter_name):
     lora.b.set_value(jnp.asarray(b))
     lora.scale.set_value(jnp.full(np.shape(lora.scale.get_value()),
                                   mod.scale, jnp.float32))
+    if mod.magnitude is not None:
+      lora.magnitude.set_value(jnp.asarray(np.reshape(
+          mod.magnitude, np.shape(lora.magnitude.get_value()))))
     for attr, value in (('rank', mod.rank), ('alpha', mod.alpha),
                         ('use_rslora', mod.use_rslora)):
       if hasattr(lora, attr):
@@ -207,6 +237,21 @@ def _check_shapes(mod, path, a_shape, b_shape, errors) -> bool:
         f' a {tuple(a_shape)} / b {tuple(b_shape)} (in={n_in}, r={r},'
         f' out={n_out})')
   return ok
+
+
+def _check_magnitude(mod, path, lora, errors) -> bool:
+  """A DoRA module's magnitude fits the wrapper's (one per output)."""
+  if mod.magnitude is None:
+    return True
+  have = getattr(lora, 'magnitude', None)
+  shape = None if have is None else np.shape(have.get_value())
+  if shape is None or int(np.prod(shape)) != mod.magnitude.shape[0]:
+    errors.append(
+        f'{_PREFIX}{mod.name}: lora_magnitude_vector'
+        f' {tuple(mod.magnitude.shape)} does not fit {path} (DoRA magnitude'
+        f' {shape})')
+    return False
+  return True
 
 
 def _alpha_of(lora, rank: int, scale: float) -> tuple[float, bool]:
@@ -244,16 +289,28 @@ def _collect_nnx(model, key_map, adapter_name):
           f'{path}: kernel batch axes {g.batch!r} (e.g. experts) in'
           f' {g.einsum_str!r} have no HF LoRA module; save per-expert layers')
       continue
-    name = key_map.hf_name(path)
-    if name is None:
-      errors.append(f'{path}: the key_map gives no HF module name')
-      continue
     a, b = np.asarray(lora.a.get_value()), np.asarray(lora.b.get_value())
-    rank = int(a.shape[-1])
+    magnitude = getattr(lora, 'magnitude', None)
+    if magnitude is not None:
+      magnitude = np.asarray(magnitude.get_value())
+    if key_map.is_fused(path):
+      if b.ndim < 3:
+        errors.append(f'{path}: a fused layer needs a slot axis in b {b.shape}')
+        continue
+      parts = [(f'{path}[{c}]', *p)
+               for c, p in enumerate(_split_fused(a, b, magnitude))]
+    else:
+      parts = [(path, a, b, magnitude)]
     scale = float(np.asarray(lora.scale.get_value(), np.float32))
-    alpha, use_rslora = _alpha_of(lora, rank, scale)
     dropout = getattr(lora, 'dropout', None)
-    out.append(dict(name=name, a=a, b=b, rank=rank, alpha=alpha,
-                    use_rslora=use_rslora,
-                    dropout=float(getattr(dropout, 'rate', 0.0) or 0.0)))
+    for slot_path, a, b, magnitude in parts:
+      name = key_map.hf_name(slot_path)
+      if name is None:
+        errors.append(f'{slot_path}: the key_map gives no HF module name')
+        continue
+      rank = int(a.shape[-1])
+      alpha, use_rslora = _alpha_of(lora, rank, scale)
+      out.append(dict(name=name, a=a, b=b, rank=rank, alpha=alpha,
+                      use_rslora=use_rslora, magnitude=magnitude,
+                      dropout=float(getattr(dropout, 'rate', 0.0) or 0.0)))
   return out, errors

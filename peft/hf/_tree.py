@@ -69,6 +69,11 @@ def _get_key(tree, path_keys):
 
 def _load_tree(directory, params, key_map, strict, fold_scale):
   config, modules, errors = _parse_adapter(directory, strict)
+  if config.get('use_dora'):
+    raise ValueError(
+        f'the adapter {directory!r} is a DoRA adapter (use_dora=true); DoRA'
+        ' loads into NNX models (its magnitudes need a DoRA wrapper), not'
+        ' into a linen params tree')
   prefix, root = _root_of(params)
   layers = {}
   for path, node in _tree_layers(root).items():
