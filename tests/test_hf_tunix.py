@@ -94,7 +94,7 @@ def load_llama3() -> nnx.Module:
 
 
 def load_gemma() -> nnx.Module:
-  """tunix's Gemma with the `gemma` fixture's weights, reshaped as tunix does."""
+  """tunix's Gemma with the `gemma` fixture's weights, reshaped like tunix."""
   cfg = tiny.config('gemma')
   d, h, kv, hd = (cfg['hidden_size'], cfg['num_attention_heads'],
                   cfg['num_key_value_heads'], cfg['head_dim'])

@@ -42,6 +42,10 @@ def load_adapter(
   (`a = lora_Aᵀ`, `b = lora_Bᵀ`, reshaped row-major to the layer's factor
   shapes, in the file's dtype); layers that already have a LoRA adapter of
   the same rank get the factors and scale loaded into it. Returns the model.
+  A DoRA adapter (`use_dora: true`) wraps with `dora=True` and loads each
+  `lora_magnitude_vector` into `layer.lora.magnitude`. Modules that a key
+  map sends to slots of one fused layer (`path[i]`, e.g. k and v into tunix
+  Gemma's `kv_einsum`) load into that layer's one LoRA (see `KeyMap`).
 
   For a linen params tree (a dict, or `{'params': ...}` variables), returns a
   new tree with `lora: {'a': [in, r], 'b': [r, out]}` beside each targeted
@@ -186,6 +190,9 @@ def save_adapter(
   `r`, `lora_alpha`, `use_rslora` come from the adapters, with
   `rank_pattern` / `alpha_pattern` for modules that differ from the most
   common rank / alpha; `target_modules` lists the modules' last names.
+  DoRA adapters add their `lora_magnitude_vector` and `use_dora: true` (a
+  model with both DoRA and plain LoRA layers is an error); a fused layer of
+  the key map is written as one HF module per slot.
 
   Args:
     directory: where to write (created if needed).

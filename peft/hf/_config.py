@@ -1,4 +1,4 @@
-"""The adapter config as PEFT means it, the 2-D factor view, the parsed adapter."""
+"""The adapter config as PEFT means it, the 2-D factor view, the parsed file."""
 
 from __future__ import annotations
 
