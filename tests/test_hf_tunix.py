@@ -284,9 +284,64 @@ def test_gemma_fused_errors(tmp_path):
     with pytest.raises(ValueError, match=match):
       hf.load_adapter(d, model, key_map=hf.TUNIX_GEMMA)
     assert not any(hasattr(m, 'lora') for _, m in pnnx.select(model))
+  with pytest.raises(ValueError, match='fused layers load into NNX models'):
+    hf.load_adapter(src, {'layers': {}}, key_map=hf.TUNIX_GEMMA)
   # The MHA map on a GQA model: its slots name a layer the model lacks.
   with pytest.raises(ValueError, match=r'qkv_einsum\[0\].*no layer'):
     hf.load_adapter(src, load_gemma(), key_map=hf.TUNIX_GEMMA_QKV)
+
+
+def test_gemma_qkv_map_equals_merged_weights(tmp_path):
+  """TUNIX_GEMMA_QKV (heads == kv heads): q, k, v are slots of qkv_einsum.
+
+  Reference: the HF updates `s * B @ A` merged into the base kernels with
+  tunix's own reshapes (the transpose, split and move of its loader).
+  """
+  d, h, hd, r, alpha = 32, 2, 8, 2, 6.0
+  config = gemma.ModelConfig(
+      num_layers=1, num_embed=64, embed_dim=d, hidden_dim=48, num_heads=h,
+      head_dim=hd, num_kv_heads=h, final_logit_softcap=None,
+      use_post_attn_norm=False, use_post_ffw_norm=False,
+      attention_types=(gemma.AttentionType.GLOBAL,))
+  rng = np.random.default_rng(0)
+  tensors = {}
+  for n in ('q', 'k', 'v', 'o'):
+    key = f'{PREFIX}model.layers.0.self_attn.{n}_proj'
+    tensors[key + '.lora_A.weight'] = rng.standard_normal(
+        (r, h * hd if n == 'o' else d)).astype(np.float32)
+    tensors[key + '.lora_B.weight'] = rng.standard_normal(
+        (d if n == 'o' else h * hd, r)).astype(np.float32)
+  safetensors.numpy.save_file(tensors, tmp_path / hf.ADAPTER_WEIGHTS)
+  (tmp_path / hf.ADAPTER_CONFIG).write_text(json.dumps(
+      {'peft_type': 'LORA', 'r': r, 'lora_alpha': alpha,
+       'target_modules': ['q_proj', 'k_proj', 'v_proj', 'o_proj']}))
+  model = gemma.Gemma(config, rngs=nnx.Rngs(0))
+  hf.load_adapter(tmp_path, model, key_map=hf.TUNIX_GEMMA_QKV)
+  qkv = model.layers[0].attn.qkv_einsum.lora
+  assert qkv.a.shape == (d, 3 * r) and qkv.b.shape == (3 * r, 3, h, hd)
+  merged = gemma.Gemma(config, rngs=nnx.Rngs(0))
+  attn = merged.layers[0].attn
+
+  def delta(n):
+    key = f'{PREFIX}model.layers.0.self_attn.{n}_proj'
+    return (alpha / r) * (tensors[key + '.lora_B.weight']
+                          @ tensors[key + '.lora_A.weight'])
+
+  w = np.array(attn.qkv_einsum.w[...])
+  for c, n in enumerate('qkv'):
+    w[c] += delta(n).T.reshape(d, h, hd).transpose(1, 0, 2)
+  attn.qkv_einsum.w.set_value(jnp.asarray(w))
+  attn.attn_vec_einsum.w.set_value(
+      attn.attn_vec_einsum.w[...] + delta('o').T.reshape(h, hd, d))
+  ids = rng.integers(0, 64, (2, 5))
+  want, got = logits(merged, ids), logits(model, ids)
+  assert _max_diff(want, logits(gemma.Gemma(config, rngs=nnx.Rngs(0)),
+                                ids)) > 1e-2
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+  hf.save_adapter(tmp_path / 'out', model, key_map=hf.TUNIX_GEMMA_QKV)
+  back = _tensors(tmp_path / 'out')
+  assert sorted(back) == sorted(tensors)
+  assert all(back[k].tobytes() == tensors[k].tobytes() for k in tensors)
 
 
 @hypothesis.settings(max_examples=40, deadline=None)

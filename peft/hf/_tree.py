@@ -10,6 +10,7 @@ import numpy as np
 
 from peft.hf._config import _factors_from_hf, _nearby, _parse_adapter, _raise
 from peft.hf._files import _PREFIX
+from peft.hf._fused import _split_slot
 
 
 def _root_of(params):
@@ -81,6 +82,11 @@ def _load_tree(directory, params, key_map, strict, fold_scale):
   plan = {}
   for name, mod in modules.items():
     path = key_map.jax_path(name)
+    if _split_slot(path)[1] is not None:
+      errors.append(
+          f'{_PREFIX}{name}: maps to {path!r}, a slot of a fused layer; fused'
+          ' layers load into NNX models only')
+      continue
     if path is None or path not in layers:
       if strict:
         errors.append(
