@@ -40,6 +40,8 @@ ADAPTERS = {
     'llama_pattern': 'llama',
     'llama_bf16': 'llama',
     'gemma_lora': 'gemma',
+    'llama_dora': 'llama',
+    'gemma_dora': 'gemma',
 }
 PREFIX = 'base_model.model.'
 
@@ -448,7 +450,6 @@ def test_strict_false_skips_unmapped_keys_and_targets(tmp_path):
     ('bias', 'all'),
     ('bias', 'lora_only'),
     ('modules_to_save', ['lm_head']),
-    ('use_dora', True),
     ('init_lora_weights', 'pissa'),
     ('init_lora_weights', 'pissa_niter_4'),
     ('init_lora_weights', 'olora'),
@@ -470,7 +471,8 @@ def test_config_fields_that_cannot_be_honoured(tmp_path, field, value):
 
 @pytest.mark.parametrize('extra,hint', [
     ('model.embed_tokens.lora_embedding_A', 'embedding'),
-    ('model.layers.0.self_attn.q_proj.lora_magnitude_vector', 'DoRA'),
+    ('model.layers.0.self_attn.q_proj.lora_magnitude_vector',
+     'DoRA magnitude, but the config says use_dora=false'),
     ('model.layers.0.self_attn.q_proj.lora_B.bias', 'bias'),
 ])
 def test_unsupported_keys(tmp_path, extra, hint):
@@ -480,6 +482,93 @@ def test_unsupported_keys(tmp_path, extra, hint):
   safetensors.numpy.save_file(tensors, d / hf.ADAPTER_WEIGHTS)
   with pytest.raises(ValueError, match=hint):
     hf.load_adapter(d, tiny.load_base('llama'), strict=False)
+
+
+# ---------------------------------------------------------------------------
+# DoRA
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name', ['llama_dora', 'gemma_dora'])
+def test_dora_magnitudes_are_loaded_as_peft_wrote_them(name):
+  model = hf.load_adapter(_dir(name), tiny.load_base(ADAPTERS[name]))
+  st = _tensors(_dir(name))
+  wrapped = [(p, m) for p, m in pnnx.select(model) if hasattr(m, 'lora')]
+  assert len(wrapped) == 14
+  for path, layer in wrapped:
+    key = PREFIX + path.replace('/', '.') + '.lora_magnitude_vector'
+    m = layer.lora.magnitude[...]
+    assert m.dtype == st[key].dtype
+    np.testing.assert_array_equal(np.asarray(m), st[key])
+  # The magnitudes matter: PEFT's LoRA-only output (same factors) is far off.
+  exp = tiny.expected(name)
+  plain = tiny.load_base(ADAPTERS[name])
+  d = _dir(name)
+  with tempfile.TemporaryDirectory() as t:
+    shutil.copytree(d, t, dirs_exist_ok=True)
+    _edit_config(t, use_dora=False)
+    safetensors.numpy.save_file(
+        {k: v for k, v in st.items() if 'magnitude' not in k},
+        os.path.join(t, hf.ADAPTER_WEIGHTS))
+    hf.load_adapter(t, plain)
+  assert _max_diff(tiny.logits(plain, exp['input_ids']), exp['logits']) > 0.05
+
+
+def test_dora_config_and_keys_must_agree(tmp_path):
+  d = _copy_adapter('llama_dora', tmp_path)
+  st = _tensors(d)
+  del st[PREFIX + 'model.layers.0.mlp.up_proj.lora_magnitude_vector']
+  st[PREFIX + 'model.layers.1.mlp.up_proj.lora_magnitude_vector'] = np.ones(
+      (3,), np.float32)
+  safetensors.numpy.save_file(st, d / hf.ADAPTER_WEIGHTS)
+  model = tiny.load_base('llama')
+  with pytest.raises(ValueError) as e:
+    hf.load_adapter(d, model)
+  msg = str(e.value)
+  assert 'layers.0.mlp.up_proj: use_dora=true but the file has no' in msg
+  assert 'layers.1.mlp.up_proj: lora_magnitude_vector (3,)' in msg
+  assert not any(hasattr(m, 'lora') for _, m in pnnx.select(model))
+
+
+def test_dora_into_wrappers_and_trees(tmp_path):
+  model = tiny.load_base('llama')
+  pnnx.apply_lora(model, rank=4, where=r'.*q_proj', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='already has a LoRA adapter; the DoRA'):
+    hf.load_adapter(_dir('llama_dora'), model)
+  dora = hf.load_adapter(_dir('llama_dora'), tiny.load_base('llama'))
+  with pytest.raises(ValueError, match='already has a DoRA LoRA adapter'):
+    hf.load_adapter(_dir('llama_lora'), dora)
+  with pytest.raises(ValueError, match='DoRA loads into NNX models'):
+    hf.load_adapter(_dir('llama_dora'), _linen_params('llama'))
+
+
+def test_dora_and_lora_layers_cannot_be_saved_together(tmp_path):
+  model = tiny.load_base('llama')
+  pnnx.apply_lora(model, rank=2, where=r'.*q_proj', dora=True,
+                  rngs=nnx.Rngs(0))
+  pnnx.apply_lora(model, rank=2, where=r'.*k_proj', rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match='some layers have DoRA adapters'):
+    hf.save_adapter(tmp_path, model)
+
+
+def test_dora_here_hf_here_is_exact(tmp_path):
+  model = tiny.load_base('gemma')
+  pnnx.apply_lora(model, rank=3, alpha=5.0, dora=True,
+                  where=r'.*(q_proj|down_proj)', rngs=nnx.Rngs(1))
+  key = jax.random.key(0)
+  for _, layer in pnnx.select(model):
+    if hasattr(layer, 'lora'):
+      key, k1, k2 = jax.random.split(key, 3)
+      layer.lora.b.set_value(jax.random.normal(k1, layer.lora.b.shape))
+      m = layer.lora.magnitude
+      m.set_value(m[...] * (1 + 0.2 * jax.random.normal(k2, m.shape)))
+  hf.save_adapter(tmp_path, model)
+  assert hf.read_adapter_config(tmp_path)['use_dora'] is True
+  fresh = hf.load_adapter(tmp_path, tiny.load_base('gemma'))
+  jax.tree.map(np.testing.assert_array_equal, _state(model), _state(fresh))
+  ids = tiny.expected('gemma')['input_ids']
+  np.testing.assert_array_equal(np.asarray(tiny.logits(model, ids)),
+                                np.asarray(tiny.logits(fresh, ids)))
 
 
 def test_rank_in_file_must_match_config(tmp_path):
@@ -788,7 +877,8 @@ def write_check_dir(directory):
   for name, base, rslora_as_alpha in (
       ('llama_lora', 'llama', False), ('llama_pattern', 'llama', False),
       ('llama_rslora', 'llama', False), ('llama_rslora', 'llama', True),
-      ('gemma_lora', 'gemma', False), ('llama_bf16', 'llama', False)):
+      ('gemma_lora', 'gemma', False), ('llama_bf16', 'llama', False),
+      ('llama_dora', 'llama', False), ('gemma_dora', 'gemma', False)):
     model = hf.load_adapter(_dir(name), tiny.load_base(base))
     ids = jnp.asarray(tiny.expected(name)['input_ids'])
     # A few SGD steps on the LoRA factors: the adapter is ours now.
