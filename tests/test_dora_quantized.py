@@ -168,3 +168,33 @@ def test_qdora_step_does_not_dequantize_the_kernel():
   qdora, qlora = temp(True), temp(False)
   assert qdora <= qlora + 2**20, (qdora, qlora)
   assert qdora < 8 * 2**20, qdora  # half the float32 kernel
+
+
+@pytest.mark.parametrize('method', [None, 'int4', 'q4_0'])
+def test_stacked_dora_matches_the_per_slice_reference(method):
+  @nnx.vmap(in_axes=0, out_axes=0)
+  def make(key):
+    return nnx.Linear(64, 64, rngs=nnx.Rngs(key), precision=_HI)
+
+  model = nnx.Sequential(make(jax.random.split(jax.random.key(0), 3)))
+  if method:
+    pnnx.quantize(model, method=method)
+  pnnx.apply_lora(model, rank=2, dora=True,
+                  b_init=nnx.initializers.normal(0.3), rngs=nnx.Rngs(1))
+  layer = model.layers[0]
+  ad = layer.lora
+  assert ad.base_norm_sq.shape == ad.magnitude.shape == (3, 64)
+
+  @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+  def run(layer, x):
+    return layer(x)
+
+  x = jax.random.normal(jax.random.key(2), (4, 64))
+  w = (layer.wrapped.dequantized_kernel() if method
+       else layer.wrapped.kernel[...])
+  want = x
+  for i in range(3):
+    want = _reference(w[i], layer.wrapped.bias[...][i], ad.a[...][i],
+                      ad.b[...][i], ad.scale[...][i], ad.magnitude[...][i],
+                      want)
+  np.testing.assert_allclose(run(layer, x), want, rtol=1e-5, atol=1e-5)

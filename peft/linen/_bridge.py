@@ -12,6 +12,7 @@ Examples:
 from __future__ import annotations
 
 import math
+import typing as tp
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
@@ -22,6 +23,8 @@ import jax
 import jax.numpy as jnp
 
 from peft.linen import interceptor as _interceptor
+from peft.nnx import dora as _dora
+from peft.nnx.adapter import _factor_param
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -85,12 +88,14 @@ def _check_factor_shapes(module: nn.Module, nnx_class, args, kwargs) -> None:
 
 
 def _run_adapter(module: nn.Module, nnx_class, args, kwargs, inputs, *,
-                 kernel_sharding=None, **call):
+                 kernel_sharding=None, dora_base=None, **call):
   """Runs NNX `nnx_class(*args, **kwargs)` on `inputs` in `module`'s own scope.
 
   With `kernel_sharding` (names or an `nn.Partitioned` of the wrapped kernel)
   the NNX adapter derives the factors' names (`peft.nnx.lora`), and `a`, `b`
-  are stored boxed in `nn.Partitioned` with those names.
+  are stored boxed in `nn.Partitioned` with those names. With `dora_base`
+  (`_DoRABase`) the adapter also has a DoRA `magnitude` param and the result
+  is the DoRA layer output (`peft.nnx.dora.adapter_forward`).
   """
   box = _factor_box(kernel_sharding)
   kwargs = dict(kwargs)
@@ -112,9 +117,43 @@ def _run_adapter(module: nn.Module, nnx_class, args, kwargs, inputs, *,
             ' (e.g. inside the same ModuleInterceptor), or add the LoRA tree'
             ' with `peft.merge_params(original, lora)`.'
         )
+  run = None
+  if dora_base is not None:
+    nnx_class = _with_magnitude(nnx_class, dora_base.kernel)
+    run = lambda ad, x: _dora.adapter_forward(  # pylint: disable=g-long-lambda
+        ad, x, dora_base.y, dora_base.bias, dora_base.kernel)
+  if not module.is_initializing():
     _check_factor_shapes(module, nnx_class, args, kwargs)
   return _bridge_call(module, nnx_class, tuple(args), kwargs, box, inputs,
-                      **call)
+                      run=run, **call)
+
+
+class _DoRABase(tp.NamedTuple):
+  """What a linen DoRA adapter needs from its base layer."""
+
+  y: Array  # the base layer's output
+  bias: Array | None  # its bias value
+  kernel: Array  # its (float) kernel
+
+
+def _with_magnitude(nnx_class, kernel):
+  """`nnx_class` whose instances also hold a DoRA `magnitude` LoRAParam.
+
+  Its value is the column norm of `kernel + s * a @ b` (what init stores;
+  on apply the stored param replaces it, and jit drops the computation).
+  """
+  def make(*args, **kwargs):
+    ad = nnx_class(*args, **kwargs)
+    g = ad.geometry
+    names = None
+    if kwargs.get('kernel_sharding') is not None:
+      by_letter = dict(zip(g.kernel, kwargs['kernel_sharding']))
+      names = tuple(by_letter.get(c) for c in _dora.norm_letters(g))
+    m = _dora.adapter_magnitude(ad, kernel).astype(ad.param_dtype)
+    ad.magnitude = _factor_param(m, names, kwargs.get('sharding_meta'))
+    return ad
+
+  return make
 
 
 def _to_linen_value(leaf: nnx.Variable, box: nn.Partitioned | None):
@@ -126,7 +165,7 @@ def _to_linen_value(leaf: nnx.Variable, box: nn.Partitioned | None):
 
 
 def _bridge_call(module: nn.Module, nnx_class, args, kwargs, box, inputs,
-                 **call):
+                 run=None, **call):
   """Builds NNX `nnx_class(*args, **kwargs)` around `module`'s params, runs it.
 
   The bridge between linen and the NNX adapter, with public APIs only (in
@@ -172,6 +211,8 @@ def _bridge_call(module: nn.Module, nnx_class, args, kwargs, box, inputs,
       )
     nnx.update(layer, nnx.traversals.unflatten_mapping(
         {path: _unboxed(stored(path)) for path in paths}))
+  if run is not None:
+    return run(layer, inputs)
   return layer(inputs, **call)
 
 

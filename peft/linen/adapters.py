@@ -40,7 +40,13 @@ __all__ = ['LoRADenseAdapter', 'LoRAEinsumAdapter', 'LoRADenseGeneralAdapter']
 
 
 class _LoRAAdapterBase(nn.Module):
-  """The fields every linen adapter has (see `LoRADenseAdapter`)."""
+  """The fields every linen adapter has (see `LoRADenseAdapter`).
+
+  `__call__(inputs, dora_base=None)`: the wrappers built with `dora=True`
+  pass their base layer's output, bias and kernel (`_bridge._DoRABase`);
+  the adapter then also holds a DoRA `magnitude` and returns the whole DoRA
+  layer output (`peft.nnx.dora.adapter_forward`).
+  """
 
   _: dataclasses.KW_ONLY
   rank: int
@@ -97,7 +103,7 @@ class LoRADenseAdapter(_LoRAAdapterBase):
   features: int
 
   @nn.compact
-  def __call__(self, inputs: Array) -> Array:
+  def __call__(self, inputs: Array, dora_base=None) -> Array:
     _check_rank(self.rank, type(self).__name__)
     return _run_adapter(
         self,
@@ -106,6 +112,7 @@ class LoRADenseAdapter(_LoRAAdapterBase):
         _adapter_kwargs(self),
         inputs,
         kernel_sharding=self.kernel_sharding,
+        dora_base=dora_base,
     )
 
 
@@ -138,7 +145,7 @@ class LoRAEinsumAdapter(_LoRAAdapterBase):
   shape: Sequence[int]
 
   @nn.compact
-  def __call__(self, inputs: Array) -> Array:
+  def __call__(self, inputs: Array, dora_base=None) -> Array:
     _check_rank(self.rank, type(self).__name__)
     if not isinstance(self.einsum_str, str):
       raise TypeError(
@@ -152,6 +159,7 @@ class LoRAEinsumAdapter(_LoRAAdapterBase):
         _adapter_kwargs(self),
         inputs,
         kernel_sharding=self.kernel_sharding,
+        dora_base=dora_base,
     )
 
 
@@ -197,7 +205,7 @@ class LoRADenseGeneralAdapter(_LoRAAdapterBase):
   batch_dims: Sequence[int] = ()
 
   @nn.compact
-  def __call__(self, inputs: Array) -> Array:
+  def __call__(self, inputs: Array, dora_base=None) -> Array:
     _check_rank(self.rank, type(self).__name__)
     ndim = inputs.ndim
     axis = _normalize_axes(self.axis, ndim, 'axis')
@@ -217,4 +225,5 @@ class LoRADenseGeneralAdapter(_LoRAAdapterBase):
         ),
         inputs,
         kernel_sharding=self.kernel_sharding,
+        dora_base=dora_base,
     )

@@ -39,6 +39,8 @@ import jax.numpy as jnp
 
 # The bridge and the adapters live in their own modules; every name stays
 # importable from here.
+from peft.linen import interceptor as _interceptor
+from peft.linen._bridge import _DoRABase
 from peft.linen._bridge import (  # pylint: disable=unused-import
     Array,
     Initializer,
@@ -89,8 +91,21 @@ class _LoRAWrapper(nn.Module):
   dtype: Any = jnp.float32
   a_init: Initializer = _A_INIT
   b_init: Initializer = _B_INIT
+  dora: bool = False
 
   _wrapped_type: ClassVar[type[nn.Module]]
+
+  def _lora_out(self, adapter: nn.Module, inputs: Array, y: Array) -> Array:
+    """`y + adapter(inputs)`, or with `dora` the DoRA output (same core as
+    `peft.nnx.dora`: magnitude `lora/magnitude`, norm from the kernel)."""
+    if not self.dora:
+      return y + adapter(inputs).astype(y.dtype)
+    bias = None
+    if self.has_variable('params', 'bias'):
+      bias = _unboxed(self.get_variable('params', 'bias'))
+    kernel = _unboxed(self.get_variable('params', 'kernel'))
+    return adapter(inputs, dora_base=_DoRABase(y, bias, kernel)).astype(
+        y.dtype)
 
   def _adapter_fields(self) -> dict[str, Any]:
     """The adapter's arguments that come from the wrapper's own fields."""
@@ -117,6 +132,15 @@ class _LoRAWrapper(nn.Module):
     _check_rank(self.rank, type(self).__name__)
     _check_alpha(self.alpha, type(self).__name__)
     _check_wrapped(type(self).__name__, self.wrapped, self._wrapped_type)
+    if not isinstance(self.dora, bool):
+      raise TypeError(f'{type(self).__name__}: dora must be a bool, got'
+                      f' {self.dora!r}')
+    if self.dora and isinstance(self.wrapped, _interceptor.StandsForLayer):
+      raise ValueError(
+          f'{type(self).__name__}: dora=True needs a float base layer, got'
+          f' {type(self.wrapped).__name__}; for DoRA on a quantized base'
+          ' (QDoRA) use the NNX API: peft.nnx.quantize then'
+          ' peft.nnx.apply_lora(..., dora=True)')
     super().__post_init__()
     # Share scope to make the wrapper transparent for the params
     # (instead of nesting `{'params': {'wrapped': ...}}`).
@@ -157,6 +181,12 @@ class LoRADense(_LoRAWrapper):
     dtype: dtype of `a` and `b`.
     a_init: initializer of `a` (kaiming uniform).
     b_init: initializer of `b` (zeros).
+    dora: DoRA (weight-decomposed LoRA): a trainable magnitude
+      `lora/magnitude` per output channel (initialised to the column norms of
+      the kernel, so a fresh layer changes nothing); the output is
+      `m * (W + s a b) x / ||W + s a b||`, the norm constant in the gradient,
+      computed by `peft.nnx.dora` as in the NNX wrappers. Needs a float base
+      (QDoRA: use `peft.nnx`).
   """
 
   _wrapped_type = nn.Dense
@@ -166,7 +196,7 @@ class LoRADense(_LoRAWrapper):
     y = self.wrapped(inputs)
     adapter = self._adapter(
         LoRADenseAdapter, features=_base_layer(self.wrapped).features)
-    return y + adapter(inputs).astype(y.dtype)
+    return self._lora_out(adapter, inputs, y)
 
 
 class LoRAEinsum(_LoRAWrapper):
@@ -189,7 +219,7 @@ class LoRAEinsum(_LoRAWrapper):
   Attributes:
     rank: LoRA rank, a positive int.
     wrapped: the `nn.Einsum` (or a peft quantization wrapper of one).
-    alpha, dtype, a_init, b_init: as in `LoRADense`.
+    alpha, dtype, a_init, b_init, dora: as in `LoRADense`.
   """
 
   _wrapped_type = nn.Einsum
@@ -204,7 +234,7 @@ class LoRAEinsum(_LoRAWrapper):
       y = self.wrapped(inputs)
     adapter = self._adapter(
         LoRAEinsumAdapter, einsum_str=einsum_str, shape=tuple(base.shape))
-    return y + adapter(inputs).astype(y.dtype)
+    return self._lora_out(adapter, inputs, y)
 
 
 class LoRADenseGeneral(_LoRAWrapper):
@@ -225,7 +255,7 @@ class LoRADenseGeneral(_LoRAWrapper):
   Attributes:
     rank: LoRA rank, a positive int.
     wrapped: the `nn.DenseGeneral`.
-    alpha, dtype, a_init, b_init: as in `LoRADense`.
+    alpha, dtype, a_init, b_init, dora: as in `LoRADense`.
   """
 
   _wrapped_type = nn.DenseGeneral
@@ -237,4 +267,4 @@ class LoRADenseGeneral(_LoRAWrapper):
     adapter = self._adapter(
         LoRADenseGeneralAdapter, features=base.features, axis=base.axis,
         batch_dims=base.batch_dims)
-    return y + adapter(inputs).astype(y.dtype)
+    return self._lora_out(adapter, inputs, y)

@@ -389,31 +389,70 @@ def refresh_base_norms(model) -> int:
   return count
 
 
-def forward(layer, x: jax.Array, y: jax.Array, out_sharding=None) -> jax.Array:
-  """`bias + (m / n) * (y - bias + s * x @ a @ b)`, `y = wrapped(x)`.
+def _one_sq_norm(g: Geometry, base) -> jax.Array:
+  """`||W_j||²` of one layer's kernel or `QArray` (subscripts
+  `norm_letters(g)`)."""
+  if isinstance(base, QArray):
+    base = dataclasses.replace(base, shape=kernels.kernel_shape(base))
+    return _to_norm_layout(g, _quantized_sq_norm(base, g, 0))
+  return _sq_norm(g, base)
 
-  `n` is the DoRA norm, constant in the gradient, from the stored `||W_j||²`,
-  the cross term `Wᵀa` and the `[r, r]` term.
+
+def adapter_magnitude(ad, base) -> jax.Array:
+  """The initial magnitude of adapter `ad` on one layer's `base` (kernel or
+  `QArray`): the column norms of `W + s * a @ b`, float32."""
+  a, b = ad.a[...], ad.b[...]
+  return _norm(ad.geometry, _one_sq_norm(ad.geometry, base),
+               _cross(ad.geometry, base, a), a, b, ad.scale[...])
+
+
+def adapter_forward(ad, x: jax.Array, y: jax.Array, bias, base, *,
+                    w_sq: jax.Array | None = None, strategy: str = 'auto',
+                    out_sharding=None) -> jax.Array:
+  """DoRA output of one adapter: `bias + (m / n) * (y - bias + s x a b)`.
+
+  The core both APIs run (`peft.nnx.LoRA` and the linen wrappers).
+
+  Args:
+    ad: a `LoRAAdapter` (one layer's slice) with a `magnitude`.
+    x: the layer input; `y` the base layer's output `wrapped(x)`.
+    bias: the base layer's bias value, or None.
+    base: the base kernel (float) or its `QArray` (quantized base).
+    w_sq: the stored `||W_j||²` (None: computed from `base`).
+    strategy: the quantized matmul strategy (see `peft.kernels`).
+    out_sharding: passed to the adapter's einsum.
+
+  `n` is the DoRA norm, constant in the gradient, from `||W_j||²`, the cross
+  term `Wᵀa` and the `[r, r]` term.
   """
-  ad = layer.lora
   g = ad.geometry
   a_c, b_c = (jax.lax.stop_gradient(t) for t in (ad.a[...], ad.b[...]))
+  if w_sq is None:
+    w_sq = _one_sq_norm(g, jax.lax.stop_gradient(base))
   norm = jax.lax.stop_gradient(_norm(
-      g, _stored_sq_norm(layer),
-      _cross(g, _base_operand(layer), a_c,
-             getattr(layer.wrapped, 'strategy', 'auto')), a_c, b_c,
-      ad.scale[...]))
+      g, w_sq, _cross(g, base, a_c, strategy), a_c, b_c, ad.scale[...]))
   mag = jnp.asarray(ad.magnitude[...], jnp.float32)
   ratio = jnp.where(norm > 0, mag / jnp.where(norm > 0, norm, 1.0), 1.0)
   xi, a, b = ad.factors(x)
   lora = jnp.einsum(g.lora_einsum_str(ndim=xi.ndim), xi, a, b,
                     precision=ad.precision, out_sharding=out_sharding)
   ratio = to_output(g, ratio, xi.ndim).astype(y.dtype)
-  bias = layer.base_bias()
   if bias is None:
     return ratio * (y + lora.astype(y.dtype))
   bias = jnp.reshape(bias, g.bias_broadcast_shape(xi.ndim)).astype(y.dtype)
   return bias + ratio * (y - bias + lora.astype(y.dtype))
+
+
+def forward(layer, x: jax.Array, y: jax.Array, out_sharding=None) -> jax.Array:
+  """`bias + (m / n) * (y - bias + s * x @ a @ b)`, `y = wrapped(x)`.
+
+  `adapter_forward` with the stored `||W_j||²` of `layer.lora`.
+  """
+  return adapter_forward(
+      layer.lora, x, y, layer.base_bias(), _base_operand(layer),
+      w_sq=_stored_sq_norm(layer),
+      strategy=getattr(layer.wrapped, 'strategy', 'auto'),
+      out_sharding=out_sharding)
 
 
 def delta(layer) -> jax.Array:
