@@ -198,3 +198,15 @@ def test_stacked_dora_matches_the_per_slice_reference(method):
                       ad.b[...][i], ad.scale[...][i], ad.magnitude[...][i],
                       want)
   np.testing.assert_allclose(run(layer, x), want, rtol=1e-5, atol=1e-5)
+
+
+def test_summary_and_treescope_show_dora():
+  import treescope  # pylint: disable=g-import-not-at-top
+  model = nnx.Sequential(_float_layer())
+  pnnx.quantize(model, method='int4')
+  pnnx.apply_lora(model, rank=2, dora=True, rngs=nnx.Rngs(1))
+  s = pnnx.summary(model)
+  assert s.layers == {'LoRALinear(Int4Linear, dora)': 1}
+  assert s.trainable == 64 * 2 + 2 * 32 + 32  # a, b and the magnitude
+  text = treescope.render_to_text(model.layers[0])
+  assert 'DoRA magnitude 32 (base norms stored)' in text
