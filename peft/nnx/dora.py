@@ -220,7 +220,11 @@ def _quantized_sq_norm(q: QArray, g: Geometry, n_lead: int) -> jax.Array:
         q, values=values, scale=scale, shape=block_shape), jnp.float32)
     return acc + jnp.sum(jnp.square(block), axis=contracted)
 
-  return jax.lax.fori_loop(0, n_blocks, body, jnp.zeros(kept, jnp.float32))
+  try:
+    return jax.lax.fori_loop(0, n_blocks, body,
+                             jnp.zeros(kept, jnp.float32))
+  except (TypeError, ValueError):  # storage with more than values / scale
+    return whole()
 
 
 def _to_norm_layout(g: Geometry, kept_sq: jax.Array) -> jax.Array:
