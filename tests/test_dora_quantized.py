@@ -229,3 +229,20 @@ def test_summary_and_treescope_show_dora():
   assert s.trainable == 64 * 2 + 2 * 32 + 32  # a, b and the magnitude
   text = treescope.render_to_text(model.layers[0])
   assert 'DoRA magnitude 32 (base norms stored)' in text
+
+
+@pytest.mark.parametrize('quantized', [False, True])
+def test_stored_norm_is_sharded_like_the_magnitude(quantized):
+  mesh = jax.make_mesh((1, 1), ('embed', 'mlp'),
+                       axis_types=(jax.sharding.AxisType.Auto,) * 2)
+  with jax.set_mesh(mesh):
+    base = nnx.Linear(64, 32, rngs=nnx.Rngs(0), kernel_init=(
+        nnx.with_partitioning(nnx.initializers.lecun_normal(),
+                              ('embed', 'mlp'))))
+    if quantized:
+      base = pnnx.QuantizedLayer.from_float(base)
+    layer = pnnx.LoRA(base, rank=2, dora=True, rngs=nnx.Rngs(1))
+  ad = layer.lora
+  for var in (ad.magnitude, ad.base_norm_sq):
+    assert tuple(var.get_metadata()['out_sharding']) == ('mlp',)
+    assert var.get_value().sharding.spec == jax.sharding.PartitionSpec('mlp')
