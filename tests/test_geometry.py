@@ -33,6 +33,10 @@ def test_linear_einsum_equals_flax(x_shape):
                  precision=_HI)
   y = y + jnp.reshape(layer.bias[...], g.bias_broadcast_shape(len(x_shape)))
   _close(y, layer(x))
+  # the registry's forward with the layer's own kernel is flax's forward
+  from peft.nnx import registry  # pylint: disable=g-import-not-at-top
+  _close(registry.layer_type(layer).call(layer, x, layer.kernel[...]),
+         layer(x))
 
 
 @st.composite
@@ -68,6 +72,10 @@ def test_linear_general_einsum_equals_flax(case):
                  precision=_HI)
   y = y + jnp.reshape(layer.bias[...], g.bias_broadcast_shape(len(x_shape)))
   _close(y, layer(x))
+  # the registry's forward with the layer's own kernel is flax's forward
+  from peft.nnx import registry  # pylint: disable=g-import-not-at-top
+  _close(registry.layer_type(layer).call(layer, x, layer.kernel[...]),
+         layer(x))
   # the LoRA einsum equals the einsum with the kernel a @ b
   a_shape, b_shape = g.lora_shapes(rank=2)
   a = jax.random.normal(jax.random.key(2), a_shape)

@@ -317,6 +317,37 @@ class LoRAAdapter(nnx.Module):
     return jnp.einsum(h_b, h, b, precision=self.precision,
                       out_sharding=out_sharding)
 
+  def init_pissa(self, kernel: jax.Array) -> jax.Array:
+    """PiSSA: `a`, `b` from the top-`rank` SVD of `kernel`; returns the residual.
+
+    Sets the factors so that `scale * a @ b` is the best rank-`rank`
+    approximation of `kernel` (seen as a matrix), and returns
+    `kernel - delta()` in float32, which the wrapper writes back into the base
+    so that the layer's output is unchanged.
+
+    Raises:
+      ValueError: `rank` exceeds the smaller side of the kernel matrix.
+    """
+    ad = self
+    g = ad.geometry
+    if ad.rank > min(g.matrix_shape):
+      raise ValueError(
+          f"init='pissa' needs rank <= min(in, out) = {min(g.matrix_shape)}"
+          f' of the kernel seen as a matrix {g.matrix_shape}, got'
+          f' rank={ad.rank}'
+      )
+    w = jnp.asarray(kernel, jnp.float32)
+    u, s, vt = jnp.linalg.svd(g.to_matrix(w), full_matrices=False)
+    scale = jnp.asarray(ad.scale[...], jnp.float32)
+    scale = jnp.reshape(scale, scale.shape + (1,) * (len(g.batch) + 1))
+    root = jnp.sqrt(s[..., :ad.rank] / jnp.abs(scale))
+    a = u[..., :, :ad.rank] * root[..., None, :]
+    b = (jnp.sign(scale) * root)[..., :, None] * vt[..., :ad.rank, :]
+    ad.a[...] = jnp.reshape(a, ad.a.shape).astype(ad.a.dtype)
+    ad.b[...] = jnp.reshape(b, ad.b.shape).astype(ad.b.dtype)
+    return w - ad.delta()
+
+
   def delta(self) -> jax.Array:
     """`scale * (a @ b)` shaped like the wrapped kernel, in float32."""
     a = jnp.asarray(self.a[...], jnp.float32)

@@ -34,6 +34,10 @@ from peft.geometry import Geometry
 from peft.nnx import dora as _dora
 from peft.nnx import quantized as _q
 from peft.nnx import registry
+from peft.nnx.named import AdapterIds
+from peft.nnx.named import AdapterWeights
+from peft.nnx.named import NamedAdapters
+from peft.nnx.named import check_name
 from peft.nnx import routing as _routing
 from peft.nnx.adapter import _DEFAULT_A_INIT
 from peft.nnx.adapter import _DEFAULT_B_INIT
@@ -64,36 +68,6 @@ _INITS = ('default', 'pissa')
 
 #: The name of the adapter `apply_lora` creates when no name is given.
 DEFAULT_NAME = 'default'
-
-
-class AdapterWeights(nnx.Variable):
-  """Weights of a layer's named adapters in its output (not trainable).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> AdapterWeights(jnp.array([1.0, 0.0])).shape
-    (2,)
-  """
-
-
-class AdapterIds(nnx.Variable):
-  """Per-example adapter index of a layer (-1: no adapter; not trainable).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> AdapterIds(jnp.array([0, -1, 1])).shape
-    (3,)
-  """
-
-
-def _check_name(name) -> None:
-  if not isinstance(name, str) or not name:
-    raise TypeError(f'name must be a non-empty str, got {name!r}')
-  if not name.isidentifier():
-    raise ValueError(
-        f'name={name!r} must be a Python identifier (it is a key in the'
-        ' model state), e.g. name=\'task_a\''
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -169,7 +143,7 @@ def _describe_base(wrapped, geometry: Geometry | None) -> _Base:
   return _Base(g, tuple(value.shape), value.dtype, names, meta, kernel)
 
 
-class LoRA(registry.ReadsThrough, nnx.Module):
+class LoRA(registry.ReadsThrough, NamedAdapters, nnx.Module):
   """LoRA around any registered layer (or its quantized version).
 
   Output: `wrapped(x) + lora(x)`, with `lora` a `LoRAAdapter` in the wrapped
@@ -235,7 +209,7 @@ class LoRA(registry.ReadsThrough, nnx.Module):
   ):
     if init not in _INITS:
       raise ValueError(f'init must be one of {_INITS}, got init={init!r}')
-    _check_name(name)
+    check_name(name)
     base = _describe_base(wrapped, geometry)
     lead = base.geometry.lead_shape(base.kernel_shape)
     if param_dtype is None:
@@ -299,26 +273,7 @@ class LoRA(registry.ReadsThrough, nnx.Module):
 
   # -- named adapters ----------------------------------------------------
 
-  check_name = staticmethod(_check_name)
-
-  def adapter(self, name: str) -> LoRAAdapter:
-    """The adapter called `name`.
-
-    Raises:
-      KeyError: no adapter of that name on this layer.
-    """
-    if name == self.adapter_names[0]:
-      return self.lora
-    if name in self.adapter_names:
-      return self.adapters[name]
-    raise KeyError(
-        f'no adapter named {name!r} on this layer; it has'
-        f' {list(self.adapter_names)}'
-    )
-
-  def named_adapters(self) -> list[tuple[str, LoRAAdapter]]:
-    """`[(name, adapter), ...]` in the order the adapters were added."""
-    return [(n, self.adapter(n)) for n in self.adapter_names]
+  check_name = staticmethod(check_name)
 
   def add_adapter(self, name: str, *, rank: int, alpha: float | None = None,
                   rngs: nnx.Rngs, **kwargs) -> LoRAAdapter:
@@ -338,7 +293,7 @@ class LoRA(registry.ReadsThrough, nnx.Module):
     Raises:
       ValueError: the name is already used on this layer.
     """
-    _check_name(name)
+    check_name(name)
     if name in self.adapter_names:
       raise ValueError(
           f'this layer already has an adapter named {name!r}; names are'
@@ -366,69 +321,6 @@ class LoRA(registry.ReadsThrough, nnx.Module):
         jnp.asarray(weights + [0.0], jnp.float32))
     return new
 
-  def remove_adapter(self, name: str) -> None:
-    """Removes adapter `name` (the layer must keep at least one).
-
-    Raises:
-      KeyError: no adapter of that name.
-      ValueError: it is the layer's only adapter (unwrap the layer instead:
-        `peft.nnx.delete_adapter` does).
-    """
-    self.adapter(name)  # KeyError if missing
-    if len(self.adapter_names) == 1:
-      raise ValueError(
-          f'{name!r} is the only adapter of this layer; use'
-          ' peft.nnx.delete_adapter(model, name), which unwraps the layer'
-      )
-    weights = dict(zip(self.adapter_names, self._weights_list()))
-    del weights[name]
-    if name == self.adapter_names[0]:
-      first = self.adapter_names[1]
-      self.lora = self.adapters[first]
-      del self.adapters[first]
-    else:
-      del self.adapters[name]
-    self.adapter_names = tuple(n for n in self.adapter_names if n != name)
-    self.adapter_ids = nnx.data(None)
-    if len(self.adapter_names) == 1:
-      self.adapters = nnx.data(None)
-      if weights[self.adapter_names[0]] == 1.0:  # back to the plain layout
-        self.adapter_weights = nnx.data(None)
-        return
-    self.adapter_weights = AdapterWeights(jnp.asarray(
-        [weights[n] for n in self.adapter_names], jnp.float32))
-
-  def _weights_list(self) -> list[float]:
-    if self.adapter_weights is None:
-      return [1.0] + [0.0] * (len(self.adapter_names) - 1)
-    return [float(w) for w in self.adapter_weights[...]]
-
-  def set_weights(self, weights: tp.Mapping[str, float]) -> None:
-    """Sets the weight of each named adapter in the output (others: 0).
-
-    Switches off per-example routing. Under `nnx.jit`, changing the values
-    (not the set of names) does not retrace.
-    """
-    values = jnp.asarray([weights.get(n, 0.0) for n in self.adapter_names],
-                         jnp.float32)
-    if self.adapter_weights is None:
-      self.adapter_weights = AdapterWeights(values)
-    else:
-      self.adapter_weights[...] = values
-    self.adapter_ids = nnx.data(None)
-
-  def set_ids(self, ids: jax.Array) -> None:
-    """Routes example `i` of the next calls through adapter `ids[i]`.
-
-    `ids` index this layer's `adapter_names`; -1 means no adapter. Writing
-    ids of the same shape again does not retrace.
-    """
-    ids = jnp.asarray(ids, jnp.int32)
-    if self.adapter_ids is not None and self.adapter_ids.shape == ids.shape:
-      self.adapter_ids[...] = ids
-    else:
-      self.adapter_ids = AdapterIds(ids)
-
   def _pissa_init(self, kernel: nnx.Variable | None):
     """`a`, `b` from the top singular triplets; kernel -= delta (in place)."""
     if kernel is None or isinstance(self.wrapped, (_q.QuantizedLayer,
@@ -438,24 +330,7 @@ class LoRA(registry.ReadsThrough, nnx.Module):
           ' the residual back into it); apply LoRA with PiSSA before'
           ' quantizing, or use the default init'
       )
-    ad = self.lora
-    g = ad.geometry
-    if ad.rank > min(g.matrix_shape):
-      raise ValueError(
-          f"init='pissa' needs rank <= min(in, out) = {min(g.matrix_shape)}"
-          f' of the kernel seen as a matrix {g.matrix_shape}, got'
-          f' rank={ad.rank}'
-      )
-    w = jnp.asarray(kernel[...], jnp.float32)
-    u, s, vt = jnp.linalg.svd(g.to_matrix(w), full_matrices=False)
-    scale = jnp.asarray(ad.scale[...], jnp.float32)
-    scale = jnp.reshape(scale, scale.shape + (1,) * (len(g.batch) + 1))
-    root = jnp.sqrt(s[..., :ad.rank] / jnp.abs(scale))
-    a = u[..., :, :ad.rank] * root[..., None, :]
-    b = (jnp.sign(scale) * root)[..., :, None] * vt[..., :ad.rank, :]
-    ad.a[...] = jnp.reshape(a, ad.a.shape).astype(ad.a.dtype)
-    ad.b[...] = jnp.reshape(b, ad.b.shape).astype(ad.b.dtype)
-    kernel[...] = (w - ad.delta()).astype(kernel.dtype)
+    kernel[...] = self.lora.init_pissa(kernel[...]).astype(kernel.dtype)
 
   def __call__(self, x: jax.Array, *args, **kwargs) -> jax.Array:
     """`wrapped(x) + lora(x)`, in the wrapped layer's output dtype.

@@ -261,18 +261,8 @@ def _linear_general_call(layer, inputs, kernel, out_sharding=None):
                   **_dot_kwargs(layer, out_sharding))
   if bias is not None:
     g = _linear_general_geometry(layer)
-    y = y + jnp.reshape(bias, _lg_bias_shape(g, x.shape, layer))
+    y = y + jnp.reshape(bias, g.bias_broadcast_shape(x.ndim))
   return y
-
-
-def _lg_bias_shape(g: Geometry, x_shape, layer) -> tuple[int, ...]:
-  ndim = len(x_shape)
-  axis = _normalize(layer.axis, ndim)
-  batch = _normalize(tuple(layer.batch_axis.keys()), ndim)
-  expanded = tuple(
-      x_shape[a] if a in batch else 1 for a in range(ndim) if a not in axis
-  )
-  return expanded + tuple(g.kernel_shape[len(g.kernel_shape) - len(g.output):])
 
 
 def einsum_str_of(layer, einsum_str: str | None = None) -> str:
