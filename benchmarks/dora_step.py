@@ -5,7 +5,10 @@ one jitted step of the split state per variant. Reported: XLA's
 `memory_analysis().temp_size_in_bytes` of the compiled step (targets: DoRA
 <= 1.5x LoRA) and the median step time over interleaved rounds (target
 <= 1.5x LoRA). DoRA's column norm is formed from [out, r] and [r, r] pieces
-(peft.nnx.dora), never from a dense [in, out] update.
+(peft.nnx.dora), never from a dense [in, out] update; the base's squared
+column norms are stored when the adapter is made. The second pair of rows is
+the same on an int4-quantized base (QDoRA vs QLoRA): the cross term goes
+through the quantized matmul, so no step dequantizes a whole kernel.
 
 Run: `python benchmarks/dora_step.py [--rounds 10 --steps 5]`.
 """
@@ -38,8 +41,10 @@ class MLP(nnx.Module):
     return x
 
 
-def _step(dora: bool):
+def _step(dora: bool, quantized: bool = False):
   model = MLP(nnx.Rngs(0))
+  if quantized:
+    pnnx.quantize(model, method='int4')
   pnnx.apply_lora(model, rank=RANK, dora=dora, rngs=nnx.Rngs(1))
   gdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
   x = jax.random.normal(jax.random.key(0), (BATCH, WIDTH))
@@ -61,8 +66,9 @@ def main():
   parser.add_argument('--rounds', type=int, default=10)
   parser.add_argument('--steps', type=int, default=5)
   args = parser.parse_args()
-  variants = {name: _step(dora) for name, dora in
-              (('lora', False), ('dora', True))}
+  variants = {name: _step(dora, quantized) for name, dora, quantized in
+              (('lora', False, False), ('dora', True, False),
+               ('qlora', False, True), ('qdora', True, True))}
   times = {name: [] for name in variants}
   for fn, inputs, _ in variants.values():
     jax.block_until_ready(fn(*inputs))
@@ -77,8 +83,9 @@ def main():
   temp = {k: v[2] for k, v in variants.items()}
   for k in variants:
     print(f'{k}: step {1e3 * med[k]:.2f} ms, temp {temp[k] / 2**20:.2f} MiB')
-  print(f'dora / lora: time {med["dora"] / med["lora"]:.3f} (target <= 1.5),'
-        f' temp memory {temp["dora"] / temp["lora"]:.3f} (target <= 1.5)')
+  for d, l in (('dora', 'lora'), ('qdora', 'qlora')):
+    print(f'{d} / {l}: time {med[d] / med[l]:.3f} (target <= 1.5),'
+          f' temp memory {temp[d] / temp[l]:.3f} (target <= 1.5)')
 
 
 if __name__ == '__main__':

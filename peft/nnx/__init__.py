@@ -20,6 +20,8 @@ from peft.nnx.adapters import disable_adapters
 from peft.nnx.adapters import list_adapters
 from peft.nnx.adapters import set_active_adapters
 from peft.nnx.adapters import set_adapter_ids
+from peft.nnx.dora import DoRABaseNorm
+from peft.nnx.dora import refresh_base_norms
 from peft.nnx.lora import LoRA
 from peft.nnx.lora import LoRAAdapter
 from peft.nnx.lora import LoRAEinsum
@@ -64,6 +66,8 @@ __all__ = [
     'LoRAEinsumAdapter',
     'LoRALinearGeneralAdapter',
     'LoRAScale',
+    'DoRABaseNorm',
+    'refresh_base_norms',
     'SimulateQuantizedLinear',
     'SimulateQuantizedEinsum',
     'SimulateQuantizedLinearGeneral',

@@ -251,7 +251,8 @@ class LoRA(registry.ReadsThrough, NamedAdapters, nnx.Module):
     """The kernel the wrapped layer computes with, as a float32 array.
 
     The float kernel; for a simulated layer its fake-quantized kernel; for a
-    quantized layer the dequantized storage.
+    quantized layer the dequantized storage (whole: `merge_lora` uses it; a
+    DoRA step does not, see `peft.nnx.dora`).
     """
     w = self.wrapped
     if isinstance(w, _q.QuantizedLayer):

@@ -106,10 +106,14 @@ class ParamSummary:
 
 
 def _describe(layer: Any) -> str:
-  """'LoRALinear(Int4Linear)'-style name of a (wrapped) layer."""
+  """'LoRALinear(Int4Linear)'-style name of a (wrapped) layer (', dora'
+  added for a DoRA wrapper)."""
   name = type(layer).__name__
   if kind_of(layer) in ('lora', 'simulate'):
-    return f'{name}({_describe(layer.wrapped)})'
+    dora = ''
+    if getattr(getattr(layer, 'lora', None), 'magnitude', None) is not None:
+      dora = ', dora'  # DoRA: LoRA plus a trained magnitude per channel
+    return f'{name}({_describe(layer.wrapped)}{dora})'
   return name
 
 

@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from peft.nnx import dora as _dora
 from peft.nnx import graph
 from peft.nnx import lora as _lora
 from peft.nnx import quantized as _q
@@ -358,7 +359,11 @@ def _quantize_op(
     # The base object is replaced wherever it appears: at the top level, or as
     # `wrapper.wrapped` inside a LoRA wrapper (which keeps its adapter).
     replacements[id(base)] = new
-  return graph.install(model, replacements)
+  model = graph.install(model, replacements)
+  for t in selected:  # a DoRA adapter's stored base norms follow the base
+    if isinstance(t, _lora.LoRA):
+      _dora.refresh_base_norms(t)
+  return model
 
 
 def _refuse_shared_kernel(idx, base, wrapper, action: str, why: str) -> None:

@@ -348,18 +348,27 @@ def adapter_treescope_repr(self, path, subtree_renderer):
 
   """
   a, b = _shape_of(self.a), _shape_of(self.b)
-  n = int(np.prod(a)) + int(np.prod(b))
+  trained = [self.a, self.b]
+  dora = ''
+  magnitude = getattr(self, 'magnitude', None)
+  if magnitude is not None:  # DoRA: a trainable magnitude per channel
+    trained.append(magnitude)
+    dora = f', DoRA magnitude {_features(_shape_of(magnitude))}'
+    if getattr(self, 'base_norm_sq', None) is not None:
+      dora += ' (base norms stored)'
+  n = sum(int(np.prod(_shape_of(v))) for v in trained)
   nbytes = sum(
       int(np.prod(_shape_of(v))) * np.dtype(_value(v).dtype).itemsize
-      for v in (self.a, self.b)
+      for v in trained
   )
   header = [rp.text(
       f'(rank={getattr(self, "rank", "?")}, scale='
       f'{_fmt_scale(_value(getattr(self, "scale", None)))}, a {_features(a)},'
-      f' b {_features(b)})'
+      f' b {_features(b)}{dora})'
   )]
-  names = _attr_names(self, ('a', 'b', 'scale'))
-  marks = {'a': _trainable_mark(), 'b': _trainable_mark()}
+  names = _attr_names(self, ('a', 'b', 'magnitude', 'scale'))
+  marks = {'a': _trainable_mark(), 'b': _trainable_mark(),
+           'magnitude': _trainable_mark()}
   note = f'  # trainable LoRAParam: {_fmt_int(n)} ({format_bytes(nbytes)})'
   return _node(self, header, note, names, path, subtree_renderer,
                color=_TRAINABLE_COLOR, marks=marks,
