@@ -18,10 +18,15 @@ the bias, by one of two strategies:
 `strategy='auto'` (the default) picks `'blockwise'` on CPU and `'fused'`
 elsewhere (the platform of `x`'s device, or `jax.default_backend()` under
 tracing). Both give the same numbers up to float rounding of the summation
-order. Layouts the blockwise loop does not cover (kernel axes not ordered
-batch, contracted, output; an input-only axis summed; Q4_0_TRANSPOSE with
-several output axes; an `out_sharding`; methods other than INT4 / INT8 /
-Q4_0 / Q4_0_TRANSPOSE) dequantize the kernel and call `jnp.einsum`.
+order. Group-wise scales (INT4 / INT8 / FP8 with `group_size`) and NF4
+blocks run along the contracted axes: the loop takes whole groups per chunk
+and dequantizes only that chunk (NF4: codebook lookup times the block
+absmax; a double-quantized absmax, 1/64 of the weights, is decoded once).
+Layouts the blockwise loop does not cover (kernel axes not ordered batch,
+contracted, output; an input-only axis summed; Q4_0_TRANSPOSE with several
+output axes; an `out_sharding`; groups not along the contracted axes)
+dequantize the kernel and call `jnp.einsum`; so does `'fused'` for grouped
+scales and NF4 (XLA fuses that dequantization into the dot on GPU / TPU).
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -52,6 +57,9 @@ from peft.geometry import Geometry
 from peft.quantization import QArray
 from peft.quantization import QuantizationMethod
 from peft.quantization import dequantize
+from peft.quantization import scale_shape
+from peft.nf4 import NF4_CODEBOOK
+from peft.quant_nf4 import _absmax as _nf4_absmax
 
 __all__ = [
     'STRATEGIES',
@@ -65,6 +73,9 @@ STRATEGIES = ('auto', 'blockwise', 'fused')
 
 _Q4_0_BLOCK = 32
 _INT = (QuantizationMethod.INT4, QuantizationMethod.INT8)
+_SCALED = (*_INT, QuantizationMethod.FP8)
+_BLOCKWISE = (*_SCALED, QuantizationMethod.Q4_0,
+              QuantizationMethod.Q4_0_TRANSPOSE, QuantizationMethod.NF4)
 # Elements of the float32 weight chunk dequantized per loop step (4 MiB): big
 # enough for an efficient matmul, small enough to stay in cache.
 _CHUNK_ELEMENTS = 1 << 20
@@ -83,6 +94,10 @@ def kernel_shape(q: QArray) -> tuple[int, ...]:
     (64, 32)
   """
   v = q.values.shape
+  if q.method is QuantizationMethod.NF4:  # two codes per byte on axes[-1]
+    shape = list(v)
+    shape[q.axes[-1]] *= 2
+    return tuple(shape)
   if q.method is QuantizationMethod.Q4_0:
     return (*v[:-2], v[-2] * _Q4_0_BLOCK)
   if q.method is QuantizationMethod.Q4_0_TRANSPOSE:
@@ -231,6 +246,77 @@ def _int_blockwise(xc, q, dims, cdt, acc, precision):
   return _sum_chunks(k, _chunk(k, b * n), part, jnp.zeros((b, m, n), acc))
 
 
+def _chunk_multiple(total: int, per_row: int, multiple: int) -> int:
+  """`_chunk`, rounded down to a multiple of `multiple` (at least one)."""
+  return max(multiple, _chunk(total, per_row) // multiple * multiple)
+
+
+def _grouped_blockwise(xc, q, dims, groups, cdt, acc, precision):
+  """INT4 / INT8 / FP8 with `groups` scales along K: each chunk of whole
+  groups is dequantized (`values * (1 / scale)`) and fed to the dot."""
+  b, k, n = dims
+  g = k // groups
+  values = q.values.reshape(b, k, n)
+  recip = (jnp.float32(1.0) / q.scale.astype(jnp.float32)).reshape(
+      b, groups, 1, n)
+  m = xc.shape[1]
+
+  def part(start, size):
+    xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
+    v = lax.dynamic_slice_in_dim(values, start, size, 1)
+    r = lax.dynamic_slice_in_dim(recip, start // g, size // g, 1)
+    w = v.astype(jnp.float32).reshape(b, size // g, g, n) * r
+    return _bmm(xs, w.reshape(b, size, n).astype(cdt), precision, acc)
+
+  size = _chunk_multiple(k, b * n, g)
+  return _sum_chunks(k, size, part, jnp.zeros((b, m, n), acc))
+
+
+def _nf4_blockwise(xc, q, dims, cdt, acc, precision):
+  """NF4: byte row j holds contracted elements 2j (high) and 2j + 1 (low);
+  chunks of whole blocks, the codebook looked up per chunk."""
+  b, k, n = dims
+  blocks = k // q.group_size
+  half = q.group_size // 2
+  axes = tuple(a % q.values.ndim for a in q.axes)
+  absmax = _nf4_absmax(q.scale, q.stats, axes).reshape(b, blocks, 1, n)
+  values = q.values.reshape(b, k // 2, n)
+  codebook = jnp.asarray(NF4_CODEBOOK)
+  x_hi, x_lo = xc[:, :, 0::2], xc[:, :, 1::2]
+  m = xc.shape[1]
+
+  def part(start, size):  # rows [start, start + size) of the byte array
+    v = lax.dynamic_slice_in_dim(values, start, size, 1)
+    a = lax.dynamic_slice_in_dim(absmax, start // half, size // half, 1)
+
+    def dequantized(codes):
+      w = codebook[codes.astype(jnp.int32)].reshape(b, size // half, half, n)
+      return (w * a).reshape(b, size, n).astype(cdt)
+
+    xh = lax.dynamic_slice_in_dim(x_hi, start, size, 2)
+    xl = lax.dynamic_slice_in_dim(x_lo, start, size, 2)
+    return (_bmm(xh, dequantized(v >> 4), precision, acc)
+            + _bmm(xl, dequantized(v & 15), precision, acc))
+
+  size = _chunk_multiple(k // 2, b * n * 2, half)
+  return _sum_chunks(k // 2, size, part, jnp.zeros((b, m, n), acc))
+
+
+def _blocks_along_contracted(q, geometry, k_shape, per_channel) -> bool:
+  """Whether grouped / NF4 blocks run along `geometry`'s contracted axes."""
+  if per_channel or q.method not in (*_SCALED, QuantizationMethod.NF4):
+    return True
+  axes = geometry.contracted_axes
+  if q.method is QuantizationMethod.NF4 and tuple(
+      a % len(k_shape) for a in q.axes) != tuple(axes):
+    return False
+  try:
+    layout = scale_shape(k_shape, q.method, axes, group_size=q.group_size)
+  except ValueError:
+    return False
+  return tuple(q.scale.shape) == tuple(layout)
+
+
 def _nibbles(v, d, cdt):
   """Q4_0 bytes and scales -> the dequantized low and high halves of blocks."""
   d = d.astype(jnp.float32)[..., None]
@@ -362,15 +448,14 @@ def quantized_einsum(
   if plan is not None:
     nb, nk = plan.nb, plan.nk
     kb, kk, kn = k_shape[:nb], k_shape[nb:nb + nk], k_shape[nb + nk:]
+    per_channel = method in _SCALED and tuple(qarray.scale.shape) == (
+        geometry.channel_scale_shape())
     if method is QuantizationMethod.Q4_0_TRANSPOSE and len(kn) != 1:
       plan = None
-    elif method not in _INT and method not in (
-        QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
+    elif method not in _BLOCKWISE or not _blocks_along_contracted(
+        qarray, geometry, k_shape, per_channel):
       plan = None
-    elif method in _INT and tuple(qarray.scale.shape) != (
-        geometry.channel_scale_shape()):  # e.g. group-wise scales
-      plan = None
-    elif method not in _INT and strategy == 'fused':
+    elif not per_channel and strategy == 'fused':
       plan = None  # the dequantizing expression feeds the dot
   if plan is None:
     y = _dequantized_einsum(x, qarray, geometry, cdt, acc, precision,
@@ -392,7 +477,7 @@ def quantized_einsum(
   dims = (b, k, n)
   if b * m * k * n == 0:  # an empty axis: nothing to contract
     y = jnp.zeros((b, m, n), acc)
-  elif strategy == 'fused':  # per-channel INT: scale after the dot
+  elif strategy == 'fused':  # per-channel INT / FP8: scale after the dot
     values = qarray.values.reshape(b, k, n).astype(cdt)
     scale = qarray.scale.astype(acc).reshape(b, 1, n)
     y = _bmm(xc, values, precision, acc) / scale
@@ -401,6 +486,11 @@ def quantized_einsum(
   elif method is QuantizationMethod.Q4_0_TRANSPOSE:
     y = _q4_0_transpose_blockwise(xc, qarray, dims, kk[-1], cdt, acc,
                                   precision)
+  elif method is QuantizationMethod.NF4:
+    y = _nf4_blockwise(xc, qarray, dims, cdt, acc, precision)
+  elif not per_channel:
+    groups = math.prod(qarray.scale.shape) // (b * n)
+    y = _grouped_blockwise(xc, qarray, dims, groups, cdt, acc, precision)
   else:
     scale = qarray.scale.astype(acc).reshape(b, 1, n)
     y = _int_blockwise(xc, qarray, dims, cdt, acc, precision) / scale

@@ -29,8 +29,8 @@ __all__ = ['QArray', 'storage_names', 'kernel_names', 'to_ggml_bytes']
 
 @functools.partial(
     jax.tree_util.register_dataclass,
-    data_fields=['values', 'scale'],
-    meta_fields=['method', 'shape', 'group_size'],
+    data_fields=['values', 'scale', 'stats'],
+    meta_fields=['method', 'shape', 'group_size', 'axes'],
 )
 @dataclasses.dataclass(frozen=True)
 class QArray:
@@ -55,6 +55,14 @@ class QArray:
     `scale` float16 `(*lead, K // 32)`.
   * Q4_0_TRANSPOSE: Q4_0 of `swapaxes(x, -1, -2)`: for `shape = (*lead, K, N)`,
     `values` is `(*lead, N, K // 32, 16)` and `scale` `(*lead, N, K // 32)`.
+  * NF4: `values` uint8 with `shape` but the last contracted axis halved
+    (two codes per byte), `scale` the float32 absmax per block of
+    `group_size` (64) in the layout of grouped INT4 scales, or with double
+    quantization its uint8 codes, and `stats` the float32 offset and
+    256-block scales of those codes (see `peft.quant_nf4`). `axes` holds the
+    contracted axes, counted from the end (negative), so that they stay
+    right when `nnx.vmap` slices leading axes off. `stats` is None for
+    every other method.
 
   Examples:
     >>> import jax.numpy as jnp
@@ -73,6 +81,13 @@ class QArray:
   method: QuantizationMethod
   shape: tuple[int, ...]
   group_size: int | None = None
+  stats: jax.Array | None = None
+  axes: tuple[int, ...] | None = None
+
+  @property
+  def double_quant(self) -> bool:
+    """Whether the NF4 absmax is double-quantized (`stats` is set)."""
+    return self.stats is not None
 
   def __post_init__(self):
     if not isinstance(self.method, QuantizationMethod):
@@ -108,7 +123,10 @@ class QArray:
       values_bytes = (values_size + 1) // 2
     else:
       values_bytes = values_size * jnp.dtype(self.values.dtype).itemsize
-    return values_bytes + scale_size * jnp.dtype(self.scale.dtype).itemsize
+    stats_bytes = 0 if self.stats is None else 4 * int(np.prod(
+        self.stats.shape))
+    return (values_bytes + scale_size * jnp.dtype(self.scale.dtype).itemsize
+            + stats_bytes)
 
 def storage_names(method, names, reduced_axes=(), *, group_size=None,
                   shape=None):

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ['QuantizationMethod', 'scale_shape', 'Q4_0_BLOCK_SIZE', 'FP8_MAX']
+__all__ = ['QuantizationMethod', 'scale_shape', 'Q4_0_BLOCK_SIZE', 'FP8_MAX',
+           'NF4_BLOCK_SIZE']
 
 #: Number of consecutive values sharing one scale in ggml's Q4_0 format.
 Q4_0_BLOCK_SIZE = 32
@@ -61,6 +62,11 @@ class QuantizationMethod(str, enum.Enum):
     (or per group), `scale = 448 / max|w|`,
     `w' = float32(e4m3(clip(w * scale, -448, 448))) / scale` (times the
     float32 `1 / scale`); real storage, 1 byte per weight.
+  * `NF4`: bitsandbytes' 4-bit NormalFloat (QLoRA): blocks of 64 (or
+    `group_size`) along the contracted axes, a float32 absmax per block and
+    the index of the nearest of 16 NormalFloat values to `w / absmax`;
+    `double_quant=True` stores the absmax in 8 bits as bitsandbytes'
+    `compress_statistics=True`. Bit-exact with bitsandbytes (`peft.nf4`).
 
   Examples:
     >>> QuantizationMethod('INT4') is QuantizationMethod.INT4
@@ -76,6 +82,7 @@ class QuantizationMethod(str, enum.Enum):
   Q4_0_TRANSPOSE = 'q4_0_transpose'
   SFP8 = 'sfp8'
   FP8 = 'fp8'
+  NF4 = 'nf4'
 
   @classmethod
   def _missing_(cls, value: object) -> QuantizationMethod:
@@ -102,8 +109,11 @@ _REAL_METHODS = (
     QuantizationMethod.Q4_0,
     QuantizationMethod.Q4_0_TRANSPOSE,
     QuantizationMethod.FP8,
+    QuantizationMethod.NF4,
 )
-_REAL_NAMES = 'int4, int8, fp8, q4_0 and q4_0_transpose'
+_REAL_NAMES = 'nf4, int4, int8, fp8, q4_0 and q4_0_transpose'
+#: Default block size of NF4 (bitsandbytes' and QLoRA's).
+NF4_BLOCK_SIZE = 64
 _Q4_0_METHODS = (QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE)
 _INT_BITS = {QuantizationMethod.INT4: 4, QuantizationMethod.INT8: 8}
 _INT_DTYPES = {
@@ -200,9 +210,12 @@ def _as_float_array(x: Any, fn_name: str, name: str = 'x') -> jax.Array:
 def _check_group_size(
     group_size: Any, method: QuantizationMethod, fn_name: str
 ) -> int | None:
-  """Validates `group_size` (None or a positive int) for `method`."""
+  """Validates `group_size` (None or a positive int) for `method`.
+
+  NF4 always has blocks: None means its default, `NF4_BLOCK_SIZE` (64).
+  """
   if group_size is None:
-    return None
+    return NF4_BLOCK_SIZE if method is QuantizationMethod.NF4 else None
   if isinstance(group_size, bool) or not isinstance(
       group_size, (int, np.integer)
   ):
@@ -374,7 +387,8 @@ def scale_shape(
   For INT4, INT8 and FP8: `x.shape` with size 1 on the reduced axes (per
   channel), or, with `group_size`, each contracted axis divided by the part of
   a group lying along it (for a `[K, N]` kernel: `(K // group_size, N)`). For
-  Q4_0: `(*lead, K // 32)`; Q4_0_TRANSPOSE: `(*lead, N, K // 32)`.
+  Q4_0: `(*lead, K // 32)`; Q4_0_TRANSPOSE: `(*lead, N, K // 32)`. NF4: the
+  layout of INT4 with `group_size` (default 64): one absmax per block.
 
   Examples:
     >>> scale_shape((256, 64), 'int4')

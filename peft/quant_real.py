@@ -14,6 +14,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from peft.quant_array import QArray
 from peft.quant_codecs import _concrete
@@ -44,6 +45,11 @@ from peft.quant_methods import _reduce_axes
 from peft.quant_methods import _scale_layout
 from peft.quant_methods import _split_for_scale
 from peft.quant_methods import scale_shape
+from peft.quant_nf4 import NF4Spec
+from peft.quant_nf4 import _check_nf4_shape
+from peft.quant_nf4 import _nf4_decode
+from peft.quant_nf4 import _nf4_encode
+from peft.quant_nf4 import nf4_values_shape
 from peft.quant_simulate import simulate_quantize  # noqa: F401 (docstrings)
 
 __all__ = ['quantize', 'dequantize', 'check_quantizable']
@@ -56,9 +62,19 @@ def _prepare_real(
     group_size: Any,
     fn_name: str,
     name: str,
-) -> tuple[QuantizationMethod, jax.Array, tuple[int, ...] | None, int | None]:
-  """Validates `quantize`'s arguments: (method, x, scale layout, group_size)."""
+    double_quant: Any = False,
+) -> tuple[QuantizationMethod, jax.Array, Any, int | None]:
+  """Validates `quantize`'s arguments: (method, x, layout, group_size).
+
+  The layout is the scales' shape, None for Q4_0, an `NF4Spec` for NF4.
+  """
   method = _as_method(method)
+  if not isinstance(double_quant, (bool, np.bool_)):
+    raise TypeError(f'{fn_name}: `double_quant` must be a bool, got'
+                    f' {type(double_quant).__name__}.')
+  if double_quant and method is not QuantizationMethod.NF4:
+    raise ValueError(f'{fn_name}: `double_quant=True` applies to NF4 only,'
+                     f' not {method.name}; drop it or use method=\'nf4\'.')
   if method not in _REAL_METHODS:
     raise ValueError(
         f'{fn_name}: {method.name} has no packed storage (`method`); real'
@@ -71,6 +87,9 @@ def _prepare_real(
     _check_q4_0_shape(x.shape, method)
     return method, x, None, None
   axes = _reduce_axes(x.ndim, axis_to_reduce)
+  if method is QuantizationMethod.NF4:
+    _check_nf4_shape(x.shape, axes, group_size, fn_name, name)
+    return method, x, NF4Spec(axes, group_size, bool(double_quant)), group_size
   layout = _scale_layout(x.shape, axes, group_size, fn_name, name)
   return method, x, layout, group_size
 
@@ -82,6 +101,7 @@ def check_quantizable(
     *,
     group_size: int | None = None,
     name: str = 'x',
+    double_quant: bool = False,
 ) -> None:
   """Raises what an eager `quantize(x, method, ...)` would raise; else None.
 
@@ -115,7 +135,7 @@ def check_quantizable(
     ValueError: quantize: `kernel` contains 1 non-finite value(s) ...
   """
   method, x, _, _ = _prepare_real(
-      x, method, axis_to_reduce, group_size, 'quantize', name
+      x, method, axis_to_reduce, group_size, 'quantize', name, double_quant
   )
   if x.size == 0:
     return
@@ -131,6 +151,7 @@ def quantize(
     axis_to_reduce: int | Sequence[int] | None = None,
     *,
     group_size: int | None = None,
+    double_quant: bool = False,
 ) -> QArray:
   """Really quantizes `x` (INT4, INT8, FP8, Q4_0, Q4_0_TRANSPOSE) to a `QArray`.
 
@@ -179,44 +200,59 @@ def quantize(
     ((2, 8), True)
   """
   method, x, layout, group_size = _prepare_real(
-      x, method, axis_to_reduce, group_size, 'quantize', 'x'
+      x, method, axis_to_reduce, group_size, 'quantize', 'x', double_quant
   )
   if x.size == 0:
-    values, scale = _empty_storage(x.shape, method, layout)
+    values, scale, dq_stats = _empty_storage(x.shape, method, layout)
   else:
-    values, scale, stats = _quantize_arrays_checked(x, method, layout)
+    values, scale, dq_stats, stats = _quantize_arrays_checked(
+        x, method, layout)
     # Under tracing (`x` a tracer, or a constant under jit) the statistics
     # are abstract: nothing is checked, and XLA drops their unused code.
     stats = _concrete(stats)
     if stats is not None:
       _raise_on_special_values(x, method, stats, 'x')
+  axes = None
+  if method is QuantizationMethod.NF4:
+    axes = tuple(a - x.ndim for a in layout.axes)
   return QArray(
       values=values,
       scale=scale,
       method=method,
       shape=x.shape,
       group_size=group_size,
+      stats=dq_stats,
+      axes=axes,
   )
 
 
 def _empty_storage(
     shape: tuple[int, ...],
     method: QuantizationMethod,
-    layout: tuple[int, ...] | None,
+    layout: Any,
 ) -> tuple[jax.Array, jax.Array]:
   """Storage of a zero-size array (the kernels cannot reduce empty axes).
 
-  Scales are 1, the scale of an all-zero channel.
+  Scales are 1, the scale of an all-zero channel (NF4: absmax 0).
   """
   if method in _SCALED_QMAX:
     return (
         jnp.zeros(shape, _SCALED_DTYPES[method]),
         jnp.ones(layout, jnp.float32),
+        None,
+    )
+  if method is QuantizationMethod.NF4:
+    s_shape = _scale_layout(shape, layout.axes, layout.block, 'quantize')
+    return (
+        jnp.full(nf4_values_shape(shape, layout.axes), 0x77, jnp.uint8),
+        jnp.zeros(s_shape, jnp.uint8 if layout.double_quant else jnp.float32),
+        jnp.zeros((1,), jnp.float32) if layout.double_quant else None,
     )
   blocks = scale_shape(shape, method)
   return (
       jnp.full((*blocks, Q4_0_BLOCK_SIZE // 2), 0x88, jnp.uint8),
       jnp.zeros(blocks, jnp.float16),
+      None,
   )
 
 
@@ -224,19 +260,20 @@ def _empty_storage(
 def _quantize_arrays_checked(
     x: jax.Array,
     method: QuantizationMethod,
-    layout: tuple[int, ...] | None,
+    layout: Any,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`_quantize_arrays` plus `_special_value_stats` of `x`, in one program."""
-  values, scale = _quantize_arrays(x, method, layout)
+  values, scale, dq_stats = _quantize_arrays(x, method, layout)
   q4_0 = method in _Q4_0_METHODS
-  return values, scale, _special_value_stats(x.astype(jnp.float32), q4_0)
+  return (values, scale, dq_stats,
+          _special_value_stats(x.astype(jnp.float32), q4_0))
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _quantize_arrays(
     x: jax.Array,
     method: QuantizationMethod,
-    layout: tuple[int, ...] | None,
+    layout: Any,
 ) -> tuple[jax.Array, jax.Array]:
   # Non-finite values get the code of 0 and are left out of the scales (only
   # reachable under tracing: eager `quantize` rejects them).
@@ -246,7 +283,10 @@ def _quantize_arrays(
     scale = _scale_from_amax(amax, _SCALED_QMAX[method])
     codes = _scaled_codes(method, _finite(xs), scale)
     values = codes.astype(_SCALED_DTYPES[method]).reshape(x.shape)
-    return values, scale.reshape(layout)
+    return values, scale.reshape(layout), None
+  if method is QuantizationMethod.NF4:
+    return _nf4_encode(_finite(x32), layout.axes, layout.block,
+                       layout.double_quant)
   transpose = method is QuantizationMethod.Q4_0_TRANSPOSE
   blocks, axis = _q4_0_blocks(x32, transpose)
   q, d = _q4_0_encode(blocks, axis)
@@ -254,12 +294,12 @@ def _quantize_arrays(
   codes = q.astype(jnp.uint8)
   scale = jnp.squeeze(d, axis).astype(jnp.float16)
   if not transpose:
-    return pack_q4_0(codes), scale
+    return pack_q4_0(codes), scale, None
   # codes: (*lead, K//32, 32, N). Pack along the block axis first, then
   # transpose the half-size packed bytes to (*lead, N, K//32, 16).
   half = Q4_0_BLOCK_SIZE // 2
   packed = codes[..., :half, :] | (codes[..., half:, :] << 4)
-  return jnp.moveaxis(packed, -1, -3), jnp.swapaxes(scale, -1, -2)
+  return jnp.moveaxis(packed, -1, -3), jnp.swapaxes(scale, -1, -2), None
 
 
 def _check_scaled_layout(q: QArray) -> None:
@@ -324,9 +364,40 @@ def dequantize(q: QArray, dtype: Any = jnp.float32) -> jax.Array:
           f' of shape {shape}, but the QArray says {q.shape}; it is'
           ' inconsistent.'
       )
+  elif method is QuantizationMethod.NF4:
+    shape = _check_nf4_qarray(q)
+    return _dequantize_nf4(q.values, q.scale, q.stats,
+                           tuple(a % len(shape) for a in q.axes), shape,
+                           dtype)
   else:
     _check_scaled_layout(q)
   return _dequantize_arrays(q.values, q.scale, method, dtype)
+
+
+def _check_nf4_qarray(q: QArray) -> tuple[int, ...]:
+  """The float shape of an NF4 `q` (from its leaves); ValueError if bad."""
+  axes = q.axes
+  ndim = q.values.ndim
+  ok = bool(axes) and all(-ndim <= a < 0 for a in axes)
+  if ok:
+    shape = list(q.values.shape)
+    shape[axes[-1]] *= 2
+    shape = tuple(shape)
+    layout = _scale_layout(shape, tuple(a % ndim for a in axes),
+                           q.group_size, 'dequantize')
+    ok = tuple(q.scale.shape) == layout and (
+        q.stats is None) == (q.scale.dtype != jnp.uint8)
+  if not ok:
+    raise ValueError(
+        f'dequantize: `q` is an inconsistent NF4 QArray: values'
+        f' {q.values.shape}, scale {q.scale.shape} {q.scale.dtype}, axes'
+        f' {axes}, group_size {q.group_size}; build it with `quantize`.')
+  return shape
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5))
+def _dequantize_nf4(values, scale, stats, axes, shape, dtype):
+  return _nf4_decode(values, scale, stats, axes, shape).astype(dtype)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

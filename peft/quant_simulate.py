@@ -26,6 +26,9 @@ from peft.quant_methods import _check_group_size
 from peft.quant_methods import _check_q4_0_shape
 from peft.quant_methods import _reduce_axes
 from peft.quant_methods import _scale_layout
+from peft.quant_nf4 import NF4Spec
+from peft.quant_nf4 import _check_nf4_shape
+from peft.quant_nf4 import _simulate_nf4
 
 __all__ = ['simulate_quantize']
 
@@ -47,6 +50,8 @@ def _simulate_forward(
     out = _simulate_q4_0(x32, transpose=True)
   elif method is QuantizationMethod.SFP8:
     out = _simulate_sfp8(x32, layout)
+  elif method is QuantizationMethod.NF4:
+    out = _simulate_nf4(x32, layout.axes, layout.block, layout.double_quant)
   else:  # Unreachable: NONE returns early in simulate_quantize.
     raise ValueError(f'simulate_quantize: unsupported method {method!r}.')
   return jnp.where(jnp.isfinite(x32), out, x32).astype(x.dtype)
@@ -76,6 +81,7 @@ def simulate_quantize(
     axis_to_reduce: int | Sequence[int] | None = None,
     *,
     group_size: int | None = None,
+    double_quant: bool = False,
 ) -> jax.Array:
   """Fake-quantizes `x`: rounds it onto `method`'s grid (same shape, dtype).
 
@@ -98,7 +104,10 @@ def simulate_quantize(
     group_size: INT4, INT8, FP8 and SFP8: `None` (default) for one scale per
       output channel, or `g` for one scale per `g` consecutive values of the
       flattened `axis_to_reduce` axes of each channel (32, 64 and 128 are
-      usual). The contracted size must be a multiple of `g`.
+      usual). The contracted size must be a multiple of `g`. NF4: the block
+      size (default 64).
+    double_quant: NF4 only: double-quantize the block absmax (bitsandbytes'
+      `compress_statistics=True`).
 
   Returns:
     The quantized-then-dequantized array, same shape and dtype as `x`. An
@@ -136,11 +145,21 @@ def simulate_quantize(
   method = _as_method(method)
   x = _as_float_array(x, 'simulate_quantize')
   group_size = _check_group_size(group_size, method, 'simulate_quantize')
+  if not isinstance(double_quant, bool):
+    raise TypeError('simulate_quantize: `double_quant` must be a bool, got'
+                    f' {type(double_quant).__name__}.')
+  if double_quant and method is not QuantizationMethod.NF4:
+    raise ValueError('simulate_quantize: `double_quant=True` applies to NF4'
+                     f' only, not {method.name}.')
   if method is QuantizationMethod.NONE:
     return x
   if method in _Q4_0_METHODS:
     _check_q4_0_shape(x.shape, method)
     layout = None
+  elif method is QuantizationMethod.NF4:
+    axes = _reduce_axes(x.ndim, axis_to_reduce)
+    _check_nf4_shape(x.shape, axes, group_size, 'simulate_quantize')
+    layout = NF4Spec(axes, group_size, double_quant)
   else:
     axes = _reduce_axes(x.ndim, axis_to_reduce)
     layout = _scale_layout(x.shape, axes, group_size, 'simulate_quantize')

@@ -84,6 +84,7 @@ from peft.quant_array import to_ggml_bytes
 from peft.quant_ggml import pack_q4_0
 from peft.quant_ggml import unpack_q4_0
 from peft.quant_methods import FP8_MAX
+from peft.quant_methods import NF4_BLOCK_SIZE
 from peft.quant_methods import Q4_0_BLOCK_SIZE
 from peft.quant_methods import QuantizationMethod
 from peft.quant_methods import scale_shape
@@ -107,4 +108,5 @@ __all__ = [
     'unpack_q4_0',
     'Q4_0_BLOCK_SIZE',
     'FP8_MAX',
+    'NF4_BLOCK_SIZE',
 ]

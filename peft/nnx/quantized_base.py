@@ -53,7 +53,10 @@ from peft.quantization import storage_names
 __all__ = ['QuantizedWeight', 'SimulateQuantized', 'QuantizedLayer']
 
 _Q4_0 = (QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE)
-_PACKED = (QuantizationMethod.INT4, QuantizationMethod.INT8, *_Q4_0)
+_PACKED = (QuantizationMethod.INT4, QuantizationMethod.INT8, *_Q4_0,
+           QuantizationMethod.FP8, QuantizationMethod.NF4)
+_SCALED = (QuantizationMethod.INT4, QuantizationMethod.INT8,
+           QuantizationMethod.FP8)
 _promote_dtype = nnx.nn.dtypes.promote_dtype
 
 
@@ -68,6 +71,31 @@ def _layer_entry(layer, what: str) -> registry.LayerType:
 def _reduced_axes(geometry: Geometry, lead: int) -> tuple[int, ...]:
   """Per-channel scales reduce over the contracted axes (after `lead`)."""
   return tuple(a + lead for a in geometry.contracted_axes)
+
+
+def _check_quant_args(method, shape, geometry, group_size, double_quant,
+                      what, stacked=False):
+  """ValueError / TypeError for a `group_size` / `double_quant` that cannot
+  apply to `method` on a kernel of `shape` (checked on shapes only)."""
+  if method is QuantizationMethod.NONE:
+    return
+  lead = len(geometry.lead_shape(shape))
+  axes = _reduced_axes(geometry, lead)
+  try:
+    if method in (QuantizationMethod.SFP8,):
+      simulate = lambda w: simulate_quantize(w, method, axes,
+                                             group_size=group_size)
+      jax.eval_shape(simulate, jax.ShapeDtypeStruct(shape, jnp.float32))
+    else:
+      _storage_layout(method, shape, jnp.float32, axes, group_size,
+                      double_quant)
+  except (ValueError, TypeError) as e:
+    raise type(e)(f'{what}: kernel of shape {tuple(shape)}: {e}') from e
+  if stacked and double_quant:
+    raise ValueError(
+        f'{what}: double_quant=True keeps one set of absmax statistics for'
+        ' the whole kernel, which nnx.vmap / nnx.scan cannot slice per layer;'
+        ' use double_quant=False for stacked layers.')
 
 
 class SimulateQuantized(registry.ReadsThrough, nnx.Module):
@@ -95,7 +123,8 @@ class SimulateQuantized(registry.ReadsThrough, nnx.Module):
 
   _wrapped_type: type | None = None
 
-  def __init__(self, wrapped, *, method=QuantizationMethod.INT4):
+  def __init__(self, wrapped, *, method=QuantizationMethod.INT4,
+               group_size: int | None = None, double_quant: bool = False):
     what = type(self).__name__
     if self._wrapped_type is not None and not isinstance(
         wrapped, self._wrapped_type):
@@ -111,9 +140,12 @@ class SimulateQuantized(registry.ReadsThrough, nnx.Module):
     shape = tuple(getattr(wrapped, entry.kernel).shape)
     geometry.lead_shape(shape)  # ValueError if the layer is inconsistent
     _check_block_axis(method, shape, what)
+    _check_quant_args(method, shape, geometry, group_size, double_quant, what)
     self.wrapped = wrapped
     self.method = method
     self.geometry = geometry
+    self.group_size = group_size
+    self.double_quant = bool(double_quant)
 
   def __treescope_repr__(self, path, subtree_renderer):
     from peft.nnx import visual  # pylint: disable=g-import-not-at-top
@@ -161,7 +193,9 @@ class SimulateQuantized(registry.ReadsThrough, nnx.Module):
     kernel = self.kernel[...]
     lead = len(geometry.lead_shape(kernel.shape))
     return simulate_quantize(kernel, self.method,
-                             axis_to_reduce=_reduced_axes(geometry, lead))
+                             axis_to_reduce=_reduced_axes(geometry, lead),
+                             group_size=self.group_size,
+                             double_quant=self.double_quant)
 
   def __call__(self, inputs, out_sharding=None):
     """Applies the wrapped layer with the fake-quantized kernel."""
@@ -221,6 +255,8 @@ class QuantizedLayer(nnx.Module):
       leading_shape: Sequence[int] = (),
       kernel_sharding: Sequence[Any] | None = None,
       strategy: str = 'auto',
+      group_size: int | None = None,
+      double_quant: bool = False,
   ):
     what = type(self).__name__
     if not isinstance(geometry, Geometry):
@@ -237,6 +273,8 @@ class QuantizedLayer(nnx.Module):
     leading_shape = tuple(int(d) for d in leading_shape)
     shape = (*leading_shape, *geometry.kernel_shape)
     _check_storage(method, geometry, shape, kernel_sharding, what)
+    _check_quant_args(method, shape, geometry, group_size, double_quant,
+                      what, stacked=bool(leading_shape))
     self.geometry = geometry
     self.method = method
     self.dtype = dtype
@@ -247,11 +285,14 @@ class QuantizedLayer(nnx.Module):
     self.strategy = strategy
     # The storage of an all-zero kernel, in the codec's own layout.
     layout = _storage_layout(method, shape, self.param_dtype,
-                             _reduced_axes(geometry, len(leading_shape)))
+                             _reduced_axes(geometry, len(leading_shape)),
+                             group_size, double_quant)
     values = jnp.zeros(layout.values.shape, layout.values.dtype)
-    scale_fill = jnp.zeros if method in _Q4_0 else jnp.ones  # dequantizes to 0
+    scale_fill = jnp.ones if method in _SCALED else jnp.zeros  # zero kernel
     scale = scale_fill(layout.scale.shape, layout.scale.dtype)
-    self._store(QArray(values, scale, method, shape), kernel_sharding)
+    stats = None if layout.stats is None else jnp.zeros(layout.stats.shape)
+    self._store(QArray(values, scale, method, shape, layout.group_size,
+                       stats, layout.axes), kernel_sharding)
     if geometry.bias_shape is not None:
       self.bias = nnx.Param(
           jnp.zeros((*leading_shape, *geometry.bias_shape), self.param_dtype))
@@ -265,7 +306,8 @@ class QuantizedLayer(nnx.Module):
     return {'geometry': geometry}
 
   @classmethod
-  def from_float(cls, layer, *, method=None, strategy: str = 'auto'):
+  def from_float(cls, layer, *, method=None, strategy: str = 'auto',
+                 group_size: int | None = None, double_quant: bool = False):
     """Quantizes a float layer (or its `SimulateQuantized` wrapper).
 
     The layer is built from the float layer's geometry (stacked kernels from
@@ -278,9 +320,14 @@ class QuantizedLayer(nnx.Module):
       layer: a registered float layer (`nnx.Linear`, `nnx.Einsum`, ...; the
         `Int4*` subclasses need their own type), or a `SimulateQuantized`
         wrapper of one (then `method` defaults to the wrapper's method).
-      method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE, as an enum or
-        name (case-insensitive).
+      method: INT4 (default), INT8, FP8, NF4, Q4_0 or Q4_0_TRANSPOSE, as an
+        enum or name (case-insensitive).
       strategy: the matmul strategy (see `peft.kernels`).
+      group_size: INT4 / INT8 / FP8: one scale per `group_size` contracted
+        values (None: per output channel); NF4: the block size (None: 64).
+        From a `SimulateQuantized` wrapper, its own when None.
+      double_quant: NF4 only: 8-bit absmax (bitsandbytes'
+        `compress_statistics=True`).
 
     Returns:
       The quantized layer; `layer` is not modified.
@@ -293,7 +340,10 @@ class QuantizedLayer(nnx.Module):
     """
     what = f'{cls.__name__}.from_float'
     if isinstance(layer, SimulateQuantized):
-      method = layer.method if method is None else method
+      if method is None:
+        method = layer.method
+        group_size = layer.group_size if group_size is None else group_size
+        double_quant = double_quant or layer.double_quant
       layer = layer.wrapped
     method = _as_method(QuantizationMethod.INT4 if method is None else method,
                         what)
@@ -313,15 +363,19 @@ class QuantizedLayer(nnx.Module):
         param_dtype=kernel.dtype, precision=getattr(layer, 'precision', None),
         preferred_element_type=getattr(layer, 'preferred_element_type', None),
         leading_shape=lead, kernel_sharding=names, strategy=strategy,
+        group_size=group_size, double_quant=double_quant,
     )
     if getattr(layer, 'promote_dtype', None) is not None:
       kwargs['promote_dtype'] = layer.promote_dtype
     args = cls._layer_args(layer, geometry)
     new = nnx.eval_shape(lambda: cls(**args, **kwargs))  # nothing allocated
     # An empty kernel has no values to check: quantize it traced.
-    fn = quantize if kernel.size else jax.jit(quantize, static_argnums=(1, 2))
+    fn = quantize if kernel.size else jax.jit(
+        quantize, static_argnums=(1, 2), static_argnames=(
+            'group_size', 'double_quant'))
     try:
-      qarray = fn(kernel, method, _reduced_axes(geometry, len(lead)))
+      qarray = fn(kernel, method, _reduced_axes(geometry, len(lead)),
+                  group_size=group_size, double_quant=double_quant)
     except ValueError as e:
       raise ValueError(f'{what}: kernel of shape {kernel.shape}: {e}') from e
     new._store(qarray, names, kernel_var.get_metadata(), like=kernel)
@@ -334,15 +388,24 @@ class QuantizedLayer(nnx.Module):
     shape = kernels.kernel_shape(qarray)
     lead = len(self.geometry.lead_shape(shape))
     self.method = qarray.method
+    self.group_size = qarray.group_size
+    self.axes = qarray.axes
     extra = {}
     vnames = snames = None
     if names is not None and len(names) == len(shape):
       vnames, snames = storage_names(
-          qarray.method, names, _reduced_axes(self.geometry, lead))
+          qarray.method, names, _reduced_axes(self.geometry, lead),
+          group_size=qarray.group_size, shape=shape)
       extra['kernel_sharding'] = tuple(names)
     self.values = _storage_variable(qarray.values, vnames, source_meta, like,
                                     **extra)
     self.scale = _storage_variable(qarray.scale, snames, source_meta, like)
+    if qarray.stats is None:
+      self.stats = nnx.data(None)
+    else:  # a few floats for the whole kernel: replicated
+      self.stats = _storage_variable(
+          qarray.stats, None if snames is None else (None,), source_meta,
+          like)
 
   def set_weight(self, value) -> None:
     """Replaces the storage by a `QArray` (or a `QuantizedWeight` of one).
@@ -374,9 +437,11 @@ class QuantizedLayer(nnx.Module):
   @property
   def qarray(self) -> QArray:
     """The quantized kernel as a `QArray` rebuilt from `values` and `scale`."""
+    stats = None if self.stats is None else self.stats.get_value()
     q = QArray(values=self.values.get_value(), scale=self.scale.get_value(),
-               method=self.method, shape=())
-    return QArray(q.values, q.scale, q.method, kernels.kernel_shape(q))
+               method=self.method, shape=(), group_size=self.group_size,
+               stats=stats, axes=self.axes)
+    return dataclasses.replace(q, shape=kernels.kernel_shape(q))
 
   @property
   def weight(self) -> QuantizedWeight:
@@ -439,9 +504,12 @@ class QuantizedLayer(nnx.Module):
       )
     lead = len(self.geometry.lead_shape(shape))
     values, scale = storage_names(self.method, names,
-                                  _reduced_axes(self.geometry, lead))
+                                  _reduced_axes(self.geometry, lead),
+                                  group_size=self.group_size, shape=shape)
+    stats = None if self.stats is None else PartitionSpec(None)
     return QArray(values=PartitionSpec(*values), scale=PartitionSpec(*scale),
-                  method=self.method, shape=shape)
+                  method=self.method, shape=shape,
+                  group_size=self.group_size, stats=stats, axes=self.axes)
 
   def dequantized_kernel(self, dtype: Any = None) -> jax.Array:
     """The float kernel (`param_dtype` by default), with leading axes."""
