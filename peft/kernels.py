@@ -260,6 +260,31 @@ def _grouped_blockwise(xc, q, dims, groups, cdt, acc, precision):
   recip = (jnp.float32(1.0) / q.scale.astype(jnp.float32)).reshape(
       b, groups, 1, n)
   m = xc.shape[1]
+  size = _chunk_multiple(k, b * n, g)
+  if q.method is QuantizationMethod.INT4 and n % 2 == 0:
+    # Nibbles unpacked with shifts (as `_int_blockwise`), each half scaled
+    # by its columns' reciprocals.
+    packed = lax.bitcast_convert_type(values.reshape(b, k, n // 2, 2),
+                                      jnp.int8)
+    r_lo, r_hi = recip[..., 0::2], recip[..., 1::2]
+
+    def halves(start, size):
+      xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
+      p = lax.dynamic_slice_in_dim(packed, start, size, 1)
+      lo = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)),
+                                      jnp.int8(4))
+      hi = lax.shift_right_arithmetic(p, jnp.int8(4))
+      out = []
+      for nib, r in ((lo, r_lo), (hi, r_hi)):
+        r = lax.dynamic_slice_in_dim(r, start // g, size // g, 1)
+        w = nib.astype(jnp.float32).reshape(b, size // g, g, n // 2) * r
+        out.append(_bmm(xs, w.reshape(b, size, n // 2).astype(cdt),
+                        precision, acc))
+      return tuple(out)
+
+    zero = jnp.zeros((b, m, n // 2), acc)
+    lo, hi = _sum_chunks(k, size, halves, (zero, zero))
+    return jnp.stack([lo, hi], axis=-1).reshape(b, m, n)
 
   def part(start, size):
     xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
@@ -268,7 +293,6 @@ def _grouped_blockwise(xc, q, dims, groups, cdt, acc, precision):
     w = v.astype(jnp.float32).reshape(b, size // g, g, n) * r
     return _bmm(xs, w.reshape(b, size, n).astype(cdt), precision, acc)
 
-  size = _chunk_multiple(k, b * n, g)
   return _sum_chunks(k, size, part, jnp.zeros((b, m, n), acc))
 
 
