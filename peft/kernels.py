@@ -217,9 +217,11 @@ def _bmm(x, w, precision, acc_dtype):
 
 
 def _int_blockwise(xc, q, dims, cdt, acc, precision):
-  """Per-channel INT4/INT8: `sum_k x[k] * values[k]`, then divide by scale."""
+  """Per-channel INT4/INT8/FP8: `sum_k x[k] * values[k]`, then divide by
+  scale."""
   b, k, n = dims
-  values = q.values.reshape(b, k, n)
+  fp8 = q.method is QuantizationMethod.FP8
+  values = _fp8_bits(q.values).reshape(b, k, n)
   m = xc.shape[1]
   if q.method is QuantizationMethod.INT4 and n % 2 == 0:
     # Two int4 per byte (low nibble = even column): unpack with shifts,
@@ -241,9 +243,55 @@ def _int_blockwise(xc, q, dims, cdt, acc, precision):
   def part(start, size):
     xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
     v = lax.dynamic_slice_in_dim(values, start, size, 1)
-    return _bmm(xs, v.astype(cdt), precision, acc)
+    return _bmm(xs, _as_f32(v, fp8).astype(cdt), precision, acc)
 
   return _sum_chunks(k, _chunk(k, b * n), part, jnp.zeros((b, m, n), acc))
+
+
+def _fp8_bits(values):
+  """float8_e4m3fn storage as its uint8 bits (anything else unchanged).
+
+  Done once, outside the loop: XLA:CPU otherwise widens the whole float8
+  array to float16 in front of the loop (a 2-byte copy of the kernel).
+  """
+  if values.dtype == jnp.float8_e4m3fn:
+    return lax.bitcast_convert_type(values, jnp.uint8)
+  return values
+
+
+def _as_f32(v, fp8_bits=False):
+  """Stored values as float32; float8_e4m3fn (`fp8_bits`: its uint8 bits
+  from `_fp8_bits`) decoded with integer ops.
+
+  XLA:CPU converts float8 to float32 element by element; the bits are quick
+  to rebuild: a normal e4m3fn value (exponent field >= 1) is the float32 with
+  the same sign, exponent + 120 and mantissa << 20; a subnormal one is
+  `mantissa * 2**-9`. Exact for every finite e4m3fn value (the codes hold no
+  NaN: `quantize` clips to +-448).
+  """
+  if not fp8_bits:
+    return v.astype(jnp.float32)
+  b = v.astype(jnp.uint32)
+  em = b & 0x7F
+  normal = lax.bitcast_convert_type((em << 20) + jnp.uint32(120 << 23),
+                                    jnp.float32)
+  magnitude = jnp.where(em >= 8, normal,
+                        em.astype(jnp.float32) * jnp.float32(2.0**-9))
+  return jnp.where(b >= 128, -magnitude, magnitude)
+
+
+def _nf4_lookup(codes):
+  """`NF4_CODEBOOK[codes]` as a tree of selects on the code bits (vector
+  friendly, unlike a gather on CPU)."""
+  codes = codes.astype(jnp.int32)
+  level = [jnp.float32(v) for v in NF4_CODEBOOK]
+  bit = 0
+  while len(level) > 1:
+    odd = ((codes >> bit) & 1) == 1
+    level = [jnp.where(odd, level[i + 1], level[i])
+             for i in range(0, len(level), 2)]
+    bit += 1
+  return level[0]
 
 
 def _chunk_multiple(total: int, per_row: int, multiple: int) -> int:
@@ -256,7 +304,8 @@ def _grouped_blockwise(xc, q, dims, groups, cdt, acc, precision):
   groups is dequantized (`values * (1 / scale)`) and fed to the dot."""
   b, k, n = dims
   g = k // groups
-  values = q.values.reshape(b, k, n)
+  fp8 = q.method is QuantizationMethod.FP8
+  values = _fp8_bits(q.values).reshape(b, k, n)
   recip = (jnp.float32(1.0) / q.scale.astype(jnp.float32)).reshape(
       b, groups, 1, n)
   m = xc.shape[1]
@@ -290,7 +339,7 @@ def _grouped_blockwise(xc, q, dims, groups, cdt, acc, precision):
     xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
     v = lax.dynamic_slice_in_dim(values, start, size, 1)
     r = lax.dynamic_slice_in_dim(recip, start // g, size // g, 1)
-    w = v.astype(jnp.float32).reshape(b, size // g, g, n) * r
+    w = _as_f32(v, fp8).reshape(b, size // g, g, n) * r
     return _bmm(xs, w.reshape(b, size, n).astype(cdt), precision, acc)
 
   return _sum_chunks(k, size, part, jnp.zeros((b, m, n), acc))
@@ -305,7 +354,6 @@ def _nf4_blockwise(xc, q, dims, cdt, acc, precision):
   axes = tuple(a % q.values.ndim for a in q.axes)
   absmax = _nf4_absmax(q.scale, q.stats, axes).reshape(b, blocks, 1, n)
   values = q.values.reshape(b, k // 2, n)
-  codebook = jnp.asarray(NF4_CODEBOOK)
   x_hi, x_lo = xc[:, :, 0::2], xc[:, :, 1::2]
   m = xc.shape[1]
 
@@ -314,7 +362,7 @@ def _nf4_blockwise(xc, q, dims, cdt, acc, precision):
     a = lax.dynamic_slice_in_dim(absmax, start // half, size // half, 1)
 
     def dequantized(codes):
-      w = codebook[codes.astype(jnp.int32)].reshape(b, size // half, half, n)
+      w = _nf4_lookup(codes).reshape(b, size // half, half, n)
       return (w * a).reshape(b, size, n).astype(cdt)
 
     xh = lax.dynamic_slice_in_dim(x_hi, start, size, 2)
