@@ -77,6 +77,9 @@ STRATEGIES = ('auto', 'blockwise', 'fused')
 _Q4_0_BLOCK = 32
 _INT = (QuantizationMethod.INT4, QuantizationMethod.INT8)
 _SCALED = (*_INT, QuantizationMethod.FP8)
+# Elements of the float32 weight chunk dequantized per loop step (4 MiB): big
+# enough for an efficient matmul, small enough to stay in cache.
+_CHUNK_ELEMENTS = 1 << 20
 _BLOCKWISE = (*_SCALED, QuantizationMethod.Q4_0,
               QuantizationMethod.Q4_0_TRANSPOSE, QuantizationMethod.NF4)
 

@@ -2,7 +2,7 @@
 
 Each function computes `(B, M, K) x (B, K, N) -> (B, M, N)` with a quantized
 `(B, K, N)` kernel, dequantizing it chunk by chunk inside a `lax.fori_loop`
-(about `_CHUNK_ELEMENTS` float32 weights per step), so the float kernel is
+(about `peft.kernels._CHUNK_ELEMENTS` float32 weights per step), so the float kernel is
 never materialised: per-channel INT4 / INT8 / FP8 (scale after the dot),
 group-wise scales and NF4 blocks (whole groups per chunk), and ggml Q4_0 /
 Q4_0_TRANSPOSE (nibbles unpacked per chunk). `peft.kernels.quantized_einsum`
@@ -27,9 +27,6 @@ from peft.quantization import QuantizationMethod
 __all__ = []
 
 _Q4_0_BLOCK = 32
-# Elements of the float32 weight chunk dequantized per loop step (4 MiB): big
-# enough for an efficient matmul, small enough to stay in cache.
-_CHUNK_ELEMENTS = 1 << 20
 
 
 def _sum_chunks(total, size, fn, init):
@@ -71,7 +68,10 @@ def _map_chunks(total, size, fn, out, axis):
 
 
 def _chunk(total: int, per_row: int) -> int:
-  return max(1, min(total, _CHUNK_ELEMENTS // max(1, per_row)))
+  """Rows per chunk: `peft.kernels._CHUNK_ELEMENTS` weights, read at trace
+  time (the tunable lives in `peft.kernels`; tests shrink it)."""
+  from peft import kernels  # pylint: disable=g-import-not-at-top
+  return max(1, min(total, kernels._CHUNK_ELEMENTS // max(1, per_row)))  # pylint: disable=protected-access
 
 
 def _bmm(x, w, precision, acc_dtype):

@@ -11,7 +11,6 @@ import pytest
 
 import peft
 from peft import kernels
-from peft import kernels_blockwise
 from peft.geometry import Geometry
 from peft.nnx import quantized as nq
 from peft.nnx import surgery
@@ -79,7 +78,7 @@ def test_real_layers_equal_dense_reference(method, opts):
 @pytest.mark.parametrize('method,opts', CONFIGS[:6], ids=IDS[:6])
 def test_blockwise_kernel_over_many_chunks(method, opts, monkeypatch):
   """Small chunks: the loop runs many steps over whole groups / blocks."""
-  monkeypatch.setattr(kernels_blockwise, '_CHUNK_ELEMENTS', 128 * 48)
+  monkeypatch.setattr(kernels, '_CHUNK_ELEMENTS', 128 * 48)
   g = Geometry.linear(1024, 48)
   w = jnp.asarray(np.random.default_rng(0).standard_t(3, (1024, 48)),
                   jnp.float32)
