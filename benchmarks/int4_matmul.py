@@ -16,9 +16,11 @@ fit in the L3 cache) suffers most from other jobs' memory traffic: read the
 
 Variants:
 * `f32`: `nnx.Linear`.
-* `int4`, `int8`, `q4_0`, `q4_0_transpose`: `Int4Linear.from_float(...)`
-  with the default `strategy='auto'` (blockwise dequantization inside the
-  matmul on CPU, see `peft.kernels`).
+* `int4`, `int8`, `q4_0`, `q4_0_transpose`, `fp8`, `nf4` (bitsandbytes'
+  blocks of 64), `nf4 dq` (with double quantization), `int4 g128` (one
+  scale per 128 contracted values): `Int4Linear.from_float(...)` with the
+  default `strategy='auto'` (blockwise dequantization inside the matmul on
+  CPU, see `peft.kernels`).
 * `fused int4`, ... (one row per method and per other strategy given with
   `--strategies`): the same layer with `strategy='fused'` (`x @
   convert(values)`, scale after the dot: what XLA fuses on GPU / TPU) or
@@ -43,6 +45,19 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from peft.kernels import choose_strategy
 from peft.nnx.quantized import Int4Linear
 from peft.quantization import dequantize
+
+
+# (row label, method, options of `Int4Linear.from_float`)
+METHODS = (
+    ('int4', 'int4', {}),
+    ('int8', 'int8', {}),
+    ('q4_0', 'q4_0', {}),
+    ('q4_0_transpose', 'q4_0_transpose', {}),
+    ('fp8', 'fp8', {}),
+    ('nf4', 'nf4', {}),
+    ('nf4 dq', 'nf4', {'double_quant': True}),
+    ('int4 g128', 'int4', {'group_size': 128}),
+)
 
 
 def _compiled(fn, module, x):
@@ -80,14 +95,15 @@ def main():
   quantized = {}
   strategies = [s.strip() for s in args.strategies.split(',') if s.strip()]
   for strategy in strategies:
-    for method in ('int4', 'int8', 'q4_0', 'q4_0_transpose'):
-      q = Int4Linear.from_float(dense, method=method, strategy=strategy)
-      quantized.setdefault(method, q)
-      name = method if strategy == 'auto' else f'{strategy} {method}'
-      variants.append((name, call, q, q.nbytes, method))
-  for method in ('int4', 'q4_0'):
-    q = quantized[method]
-    variants.append((f'naive {method}', _naive, q, q.nbytes, method))
+    for label, method, options in METHODS:
+      q = Int4Linear.from_float(dense, method=method, strategy=strategy,
+                                **options)
+      quantized.setdefault(label, q)
+      name = label if strategy == 'auto' else f'{strategy} {label}'
+      variants.append((name, call, q, q.nbytes, label))
+  for label in ('int4', 'q4_0', 'nf4'):
+    q = quantized[label]
+    variants.append((f'naive {label}', _naive, q, q.nbytes, label))
   # Exact reference per method: float64 matmul with the dequantized kernel.
   x64 = np.asarray(x, np.float64)
   refs = {None: x64 @ np.asarray(dense.kernel[...], np.float64)}

@@ -1,7 +1,11 @@
 """Cost of `simulate_quantize` relative to one fused elementwise pass; error
 of group-wise scales on heavy-tailed weights.
 
-First, a quality table: on Student-t weights (df=3, 1024 x 1024, numpy rng,
+First, the error of every method: on the same Student-t weights (below),
+bits per weight of the real storage (values + scales) and the relative RMS
+error `||w' - w|| / ||w||`, and who reads the format.
+
+Then a quality table: on Student-t weights (df=3, 1024 x 1024, numpy rng,
 seed 0), the relative RMS error `||w' - w|| / ||w||` of INT4, INT8 and FP8
 with one scale per output channel and with groups of 32, 64 and 128
 contracted values. Target: INT4 with groups of 32 <= 0.7x the per-channel
@@ -83,6 +87,52 @@ def group_error_table(n: int = 1024, df: float = 3.0) -> bool:
   return ok
 
 
+# (label, method, options, who reads the format)
+_EVERY_METHOD = (
+    ('int8', 'int8', {}, 'any int8 runtime (per-channel scales)'),
+    ('int8 g128', 'int8', {'group_size': 128}, 'peft (group-wise scales)'),
+    ('fp8', 'fp8', {}, 'FP8 checkpoints (e4m3fn + float32 scale)'),
+    ('fp8 g128', 'fp8', {'group_size': 128},
+     'FP8 checkpoints with block scales (128)'),
+    ('sfp8 (simulated)', 'sfp8', {}, 'simulation only'),
+    ('int4', 'int4', {}, 'peft (per-channel)'),
+    ('int4 g32', 'int4', {'group_size': 32}, 'peft; AWQ / GPTQ-style groups'),
+    ('int4 g64', 'int4', {'group_size': 64}, 'peft; AWQ / GPTQ-style groups'),
+    ('int4 g128', 'int4', {'group_size': 128},
+     'peft; AWQ / GPTQ-style groups'),
+    ('q4_0', 'q4_0', {}, 'ggml / llama.cpp (byte-exact)'),
+    ('q4_0_transpose', 'q4_0_transpose', {}, 'ggml / llama.cpp of w.T'),
+    ('nf4', 'nf4', {}, 'bitsandbytes (bit-exact)'),
+    ('nf4 dq', 'nf4', {'double_quant': True},
+     'bitsandbytes compress_statistics=True'),
+)
+
+
+def method_error_rows(n: int = 1024, df: float = 3.0):
+  """(label, bits per weight, relative RMS error, reader) of every method."""
+  w = np.random.default_rng(0).standard_t(df, (n, n)).astype(np.float32)
+  rows = []
+  for label, method, options, reader in _EVERY_METHOD:
+    if method == 'sfp8':
+      bits, w_q = 8.0, simulate_quantize(w, method)
+    else:
+      q = quantize(w, method, **options)
+      bits, w_q = q.nbytes * 8 / w.size, dequantize(q)
+    rows.append((label, bits, _relative_rms_error(w, w_q), reader))
+  return rows
+
+
+def method_error_table(n: int = 1024, df: float = 3.0) -> None:
+  """Prints bits per weight and error of every method (Student-t weights)."""
+  print(f'every method on Student-t weights (df={df:g}, {n}x{n}, numpy rng'
+        ' seed 0)\n')
+  print('| method | bits / weight | relative RMS error | read by |')
+  print('|---|---|---|---|')
+  for label, bits, err, reader in method_error_rows(n, df):
+    print(f'| {label} | {bits:.3f} | {err:.4f} | {reader} |')
+  print()
+
+
 def _seconds(fn, *args) -> tuple[float, float]:
   """Wall-clock and process CPU seconds of one call."""
   start, cpu_start = time.perf_counter(), time.process_time()
@@ -126,6 +176,7 @@ def main() -> None:
   )
   args = parser.parse_args()
 
+  method_error_table()
   group_error_table()
   if args.errors_only:
     return

@@ -18,10 +18,15 @@ the bias, by one of two strategies:
 `strategy='auto'` (the default) picks `'blockwise'` on CPU and `'fused'`
 elsewhere (the platform of `x`'s device, or `jax.default_backend()` under
 tracing). Both give the same numbers up to float rounding of the summation
-order. Layouts the blockwise loop does not cover (kernel axes not ordered
-batch, contracted, output; an input-only axis summed; Q4_0_TRANSPOSE with
-several output axes; an `out_sharding`; methods other than INT4 / INT8 /
-Q4_0 / Q4_0_TRANSPOSE) dequantize the kernel and call `jnp.einsum`.
+order. Group-wise scales (INT4 / INT8 / FP8 with `group_size`) and NF4
+blocks run along the contracted axes: the loop takes whole groups per chunk
+and dequantizes only that chunk (NF4: codebook lookup times the block
+absmax; a double-quantized absmax, 1/64 of the weights, is decoded once).
+Layouts the blockwise loop does not cover (kernel axes not ordered batch,
+contracted, output; an input-only axis summed; Q4_0_TRANSPOSE with several
+output axes; an `out_sharding`; groups not along the contracted axes)
+dequantize the kernel and call `jnp.einsum`; so does `'fused'` for grouped
+scales and NF4 (XLA fuses that dequantization into the dot on GPU / TPU).
 
 Examples:
   >>> import jax, jax.numpy as jnp
@@ -45,13 +50,19 @@ import math
 from typing import Any, NamedTuple
 
 import jax
-from jax import lax
 import jax.numpy as jnp
 
 from peft.geometry import Geometry
 from peft.quantization import QArray
 from peft.quantization import QuantizationMethod
 from peft.quantization import dequantize
+from peft.quantization import scale_shape
+from peft.kernels_blockwise import _bmm
+from peft.kernels_blockwise import _grouped_blockwise
+from peft.kernels_blockwise import _int_blockwise
+from peft.kernels_blockwise import _nf4_blockwise
+from peft.kernels_blockwise import _q4_0_blockwise
+from peft.kernels_blockwise import _q4_0_transpose_blockwise
 
 __all__ = [
     'STRATEGIES',
@@ -65,9 +76,12 @@ STRATEGIES = ('auto', 'blockwise', 'fused')
 
 _Q4_0_BLOCK = 32
 _INT = (QuantizationMethod.INT4, QuantizationMethod.INT8)
+_SCALED = (*_INT, QuantizationMethod.FP8)
 # Elements of the float32 weight chunk dequantized per loop step (4 MiB): big
 # enough for an efficient matmul, small enough to stay in cache.
 _CHUNK_ELEMENTS = 1 << 20
+_BLOCKWISE = (*_SCALED, QuantizationMethod.Q4_0,
+              QuantizationMethod.Q4_0_TRANSPOSE, QuantizationMethod.NF4)
 
 
 def kernel_shape(q: QArray) -> tuple[int, ...]:
@@ -83,6 +97,10 @@ def kernel_shape(q: QArray) -> tuple[int, ...]:
     (64, 32)
   """
   v = q.values.shape
+  if q.method is QuantizationMethod.NF4:  # two codes per byte on axes[-1]
+    shape = list(v)
+    shape[q.axes[-1]] *= 2
+    return tuple(shape)
   if q.method is QuantizationMethod.Q4_0:
     return (*v[:-2], v[-2] * _Q4_0_BLOCK)
   if q.method is QuantizationMethod.Q4_0_TRANSPOSE:
@@ -151,150 +169,19 @@ def _plan(geometry: Geometry, x_ndim: int) -> _Plan | None:
   return _Plan(x_perm, len(batch), len(red), out_perm)
 
 
-def _sum_chunks(total, size, fn, init):
-  """`init + sum(fn(start, n))` over chunks of `size` covering `[0, total)`.
-
-  `fn` is rematerialised in the backward pass (`jax.checkpoint`), so a
-  gradient through the loop does not save every dequantized chunk (which
-  would add up to the whole float kernel).
-  """
-  fn = jax.checkpoint(fn, static_argnums=(1,))
-  count, tail = divmod(total, size)
-  acc = init
-  add = lambda a, b: jax.tree.map(jnp.add, a, b)
-  if count == 1:
-    acc = add(acc, fn(0, size))
-  elif count > 1:
-    acc = lax.fori_loop(
-        0, count, lambda i, a: add(a, fn(i * size, size)), acc
-    )
-  if tail:
-    acc = add(acc, fn(count * size, tail))
-  return acc
-
-
-def _map_chunks(total, size, fn, out, axis):
-  """Writes `fn(start, n)` into `out` along `axis`, chunk by chunk."""
-  fn = jax.checkpoint(fn, static_argnums=(1,))
-  count, tail = divmod(total, size)
-  put = lambda o, start, n: lax.dynamic_update_slice_in_dim(
-      o, fn(start, n), start, axis
-  )
-  if count == 1:
-    out = put(out, 0, size)
-  elif count > 1:
-    out = lax.fori_loop(0, count, lambda i, o: put(o, i * size, size), out)
-  if tail:
-    out = put(out, count * size, tail)
-  return out
-
-
-def _chunk(total: int, per_row: int) -> int:
-  return max(1, min(total, _CHUNK_ELEMENTS // max(1, per_row)))
-
-
-def _bmm(x, w, precision, acc_dtype):
-  """`(B, M, K) x (B, K, N) -> (B, M, N)`."""
-  return lax.dot_general(
-      x, w, (((2,), (1,)), ((0,), (0,))),
-      precision=precision, preferred_element_type=acc_dtype,
-  )
-
-
-def _int_blockwise(xc, q, dims, cdt, acc, precision):
-  """Per-channel INT4/INT8: `sum_k x[k] * values[k]`, then divide by scale."""
-  b, k, n = dims
-  values = q.values.reshape(b, k, n)
-  m = xc.shape[1]
-  if q.method is QuantizationMethod.INT4 and n % 2 == 0:
-    # Two int4 per byte (low nibble = even column): unpack with shifts,
-    # which XLA vectorises, instead of converting int4 element by element.
-    packed = lax.bitcast_convert_type(values.reshape(b, k, n // 2, 2), jnp.int8)
-
-    def part(start, size):
-      xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
-      p = lax.dynamic_slice_in_dim(packed, start, size, 1)
-      lo = lax.shift_right_arithmetic(lax.shift_left(p, jnp.int8(4)), jnp.int8(4))
-      hi = lax.shift_right_arithmetic(p, jnp.int8(4))
-      return (_bmm(xs, lo.astype(cdt), precision, acc),
-              _bmm(xs, hi.astype(cdt), precision, acc))
-
-    zero = jnp.zeros((b, m, n // 2), acc)
-    lo, hi = _sum_chunks(k, _chunk(k, b * n), part, (zero, zero))
-    return jnp.stack([lo, hi], axis=-1).reshape(b, m, n)
-
-  def part(start, size):
-    xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
-    v = lax.dynamic_slice_in_dim(values, start, size, 1)
-    return _bmm(xs, v.astype(cdt), precision, acc)
-
-  return _sum_chunks(k, _chunk(k, b * n), part, jnp.zeros((b, m, n), acc))
-
-
-def _nibbles(v, d, cdt):
-  """Q4_0 bytes and scales -> the dequantized low and high halves of blocks."""
-  d = d.astype(jnp.float32)[..., None]
-  lo = (v & 0x0F).astype(jnp.float32) - jnp.float32(8.0)
-  hi = (v >> 4).astype(jnp.float32) - jnp.float32(8.0)
-  return (d * lo).astype(cdt), (d * hi).astype(cdt)
-
-
-def _q4_0_blockwise(xc, q, dims, cdt, acc, precision):
-  """Q4_0 with blocks along N: chunk over K, split each block in halves."""
-  b, k, n = dims
-  g = n // _Q4_0_BLOCK
-  values = q.values.reshape(b, k, g, _Q4_0_BLOCK // 2)
-  scale = q.scale.reshape(b, k, g)
-  m = xc.shape[1]
-
-  def part(start, size):
-    xs = lax.dynamic_slice_in_dim(xc, start, size, 2)
-    v = lax.dynamic_slice_in_dim(values, start, size, 1)
-    d = lax.dynamic_slice_in_dim(scale, start, size, 1)
-    lo, hi = _nibbles(v, d, cdt)
-    half = (b, size, n // 2)
-    return (_bmm(xs, lo.reshape(half), precision, acc),
-            _bmm(xs, hi.reshape(half), precision, acc))
-
-  zero = jnp.zeros((b, m, n // 2), acc)
-  lo, hi = _sum_chunks(k, _chunk(k, b * n), part, (zero, zero))
-  half = (b, m, g, _Q4_0_BLOCK // 2)
-  return jnp.concatenate([lo.reshape(half), hi.reshape(half)], -1).reshape(
-      b, m, n
-  )
-
-
-def _q4_0_transpose_blockwise(xc, q, dims, k_last, cdt, acc, precision):
-  """Q4_0_TRANSPOSE (blocks along the last contracted axis, one output axis).
-
-  The storage holds the kernel's columns as rows of blocks, so the loop runs
-  over chunks of output columns, each a full contraction.
-  """
-  b, k, n = dims
-  k1 = k // k_last
-  g = k_last // _Q4_0_BLOCK
-  h = _Q4_0_BLOCK // 2
-  values = q.values.reshape(b, k1, n, g, h)
-  scale = q.scale.reshape(b, k1, n, g)
-  m = xc.shape[1]
-  x6 = xc.reshape(b, m, k1, g, 2, h)
-  x_lo = x6[:, :, :, :, 0].reshape(b, m, k1, g * h)
-  x_hi = x6[:, :, :, :, 1].reshape(b, m, k1, g * h)
-  dims_ = (((1, 3), (2, 3)), ((0,), (0,)))  # w (b,k1,nc,gh) . x (b,m,k1,gh)
-
-  def part(start, size):
-    v = lax.dynamic_slice_in_dim(values, start, size, 2)
-    d = lax.dynamic_slice_in_dim(scale, start, size, 2)
-    lo, hi = _nibbles(v, d, cdt)
-    shape = (b, k1, size, g * h)
-    y = lax.dot_general(lo.reshape(shape), x_lo, dims_, precision=precision,
-                        preferred_element_type=acc)
-    return y + lax.dot_general(hi.reshape(shape), x_hi, dims_,
-                               precision=precision, preferred_element_type=acc)
-
-  out = jnp.zeros((b, n, m), acc)
-  out = _map_chunks(n, _chunk(n, b * k), part, out, 1)
-  return jnp.swapaxes(out, 1, 2)
+def _blocks_along_contracted(q, geometry, k_shape, per_channel) -> bool:
+  """Whether grouped / NF4 blocks run along `geometry`'s contracted axes."""
+  if per_channel or q.method not in (*_SCALED, QuantizationMethod.NF4):
+    return True
+  axes = geometry.contracted_axes
+  if q.method is QuantizationMethod.NF4 and tuple(
+      a % len(k_shape) for a in q.axes) != tuple(axes):
+    return False
+  try:
+    layout = scale_shape(k_shape, q.method, axes, group_size=q.group_size)
+  except ValueError:
+    return False
+  return tuple(q.scale.shape) == tuple(layout)
 
 
 def _dequantized_einsum(x, q, geometry, cdt, acc, precision, out_sharding):
@@ -362,15 +249,14 @@ def quantized_einsum(
   if plan is not None:
     nb, nk = plan.nb, plan.nk
     kb, kk, kn = k_shape[:nb], k_shape[nb:nb + nk], k_shape[nb + nk:]
+    per_channel = method in _SCALED and tuple(qarray.scale.shape) == (
+        geometry.channel_scale_shape())
     if method is QuantizationMethod.Q4_0_TRANSPOSE and len(kn) != 1:
       plan = None
-    elif method not in _INT and method not in (
-        QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE):
+    elif method not in _BLOCKWISE or not _blocks_along_contracted(
+        qarray, geometry, k_shape, per_channel):
       plan = None
-    elif method in _INT and tuple(qarray.scale.shape) != (
-        geometry.channel_scale_shape()):  # e.g. group-wise scales
-      plan = None
-    elif method not in _INT and strategy == 'fused':
+    elif not per_channel and strategy == 'fused':
       plan = None  # the dequantizing expression feeds the dot
   if plan is None:
     y = _dequantized_einsum(x, qarray, geometry, cdt, acc, precision,
@@ -392,7 +278,7 @@ def quantized_einsum(
   dims = (b, k, n)
   if b * m * k * n == 0:  # an empty axis: nothing to contract
     y = jnp.zeros((b, m, n), acc)
-  elif strategy == 'fused':  # per-channel INT: scale after the dot
+  elif strategy == 'fused':  # per-channel INT / FP8: scale after the dot
     values = qarray.values.reshape(b, k, n).astype(cdt)
     scale = qarray.scale.astype(acc).reshape(b, 1, n)
     y = _bmm(xc, values, precision, acc) / scale
@@ -401,6 +287,11 @@ def quantized_einsum(
   elif method is QuantizationMethod.Q4_0_TRANSPOSE:
     y = _q4_0_transpose_blockwise(xc, qarray, dims, kk[-1], cdt, acc,
                                   precision)
+  elif method is QuantizationMethod.NF4:
+    y = _nf4_blockwise(xc, qarray, dims, cdt, acc, precision)
+  elif not per_channel:
+    groups = math.prod(qarray.scale.shape) // (b * n)
+    y = _grouped_blockwise(xc, qarray, dims, groups, cdt, acc, precision)
   else:
     scale = qarray.scale.astype(acc).reshape(b, 1, n)
     y = _int_blockwise(xc, qarray, dims, cdt, acc, precision) / scale

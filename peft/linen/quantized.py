@@ -47,6 +47,7 @@ from peft.linen import interceptor as _interceptor
 from peft.linen.lora import _unboxed
 from peft.linen.quantized_checkpoint import LAYOUT_MARKERS as _LAYOUT_MARKERS
 from peft.linen.quantized_checkpoint import as_method as _as_method
+from peft.linen.quantized_checkpoint import box_stats as _box_stats
 from peft.linen.quantized_checkpoint import box_storage as _box_storage
 from peft.linen.quantized_checkpoint import layout_marker as _layout_marker
 from peft.linen.quantized_checkpoint import quantize_checkpoint
@@ -143,9 +144,11 @@ def _einsum_bias_shape(geometry: _geometry.Geometry, ndim: int):
                if c in geometry.kernel)
 
 
-def _quantized_kwargs(layer: nn.Module, method) -> dict[str, Any]:
+def _quantized_kwargs(layer: nn.Module, method, qarray) -> dict[str, Any]:
   """Arguments of the NNX quantized layers, from a linen Dense / Einsum."""
-  kw = dict(method=method, dtype=layer.dtype, param_dtype=layer.param_dtype,
+  kw = dict(method=method, group_size=qarray.group_size,
+            double_quant=qarray.double_quant, dtype=layer.dtype,
+            param_dtype=layer.param_dtype,
             precision=layer.precision,
             preferred_element_type=getattr(layer, 'preferred_element_type',
                                            None))
@@ -169,10 +172,13 @@ def _loaded(make, qarray: _q.QArray, bias) -> _nnx_q.QuantizedLayer:
 # ---------------------------------------------------------------------------
 
 
-def _storage_shapes(kernel_shape, dtype, method) -> _q.QArray:
+def _storage_shapes(kernel_shape, dtype, method, group_size=None,
+                    double_quant=False) -> _q.QArray:
   """The storage of a kernel of `kernel_shape`, as shapes (no compute)."""
-  return jax.eval_shape(lambda w: _q.quantize(w, method),
-                        jax.ShapeDtypeStruct(tuple(kernel_shape), dtype))
+  return jax.eval_shape(
+      lambda w: _q.quantize(w, method, group_size=group_size,
+                            double_quant=double_quant),
+      jax.ShapeDtypeStruct(tuple(kernel_shape), dtype))
 
 
 def _check_wrapped(owner: str, wrapped: Any, layer_type: type) -> None:
@@ -193,6 +199,8 @@ class _QuantizedWrapper(nn.Module, _interceptor.StandsForLayer):
   _: dataclasses.KW_ONLY
   wrapped: nn.Module
   method: QuantizationMethod | str = QuantizationMethod.INT4
+  group_size: int | None = None
+  double_quant: bool = False
 
   _wrapped_type: ClassVar[type[nn.Module]]
   # True when the params hold packed storage rather than the float kernel.
@@ -236,8 +244,9 @@ class _QuantizedWrapper(nn.Module, _interceptor.StandsForLayer):
     owner = type(self).__name__
     path = '/'.join(self.scope.path) or '<root>'
     try:
-      expected = _storage_shapes(kernel_shape, wrapped.param_dtype, method)
-    except ValueError as e:
+      expected = _storage_shapes(kernel_shape, wrapped.param_dtype, method,
+                                 self.group_size, self.double_quant)
+    except (ValueError, TypeError) as e:
       raise ValueError(
           f'{owner} at {path!r}: kernel of shape {tuple(kernel_shape)} cannot'
           f' be stored as {method.value}: {e}'
@@ -257,9 +266,13 @@ class _QuantizedWrapper(nn.Module, _interceptor.StandsForLayer):
       box = wrapped.kernel_init(self.make_rng('params'), tuple(kernel_shape),
                                 wrapped.param_dtype)
       w = _unboxed(box)
-      values, scale = _box_storage(box, _q.quantize(w, method), w)
+      qarray = _q.quantize(w, method, group_size=self.group_size,
+                           double_quant=self.double_quant)
+      values, scale = _box_storage(box, qarray, w)
       self.put_variable('params', 'kernel', values)
       self.put_variable('params', 'scale', scale)
+      if qarray.stats is not None:
+        self.put_variable('params', 'stats', _box_stats(box, qarray))
       if method in _LAYOUT_MARKERS:
         self.put_variable('params', _LAYOUT_MARKERS[method], _layout_marker())
     if not self.has_variable('params', 'kernel'):
@@ -280,8 +293,10 @@ class _QuantizedWrapper(nn.Module, _interceptor.StandsForLayer):
           ' the float checkpoint with'
           f" peft.quantize_checkpoint(params, method='{method.value}')"
       )
-    shape_ok = tuple(values.shape) == tuple(want_v.shape)
-    if method in (QuantizationMethod.INT4, QuantizationMethod.INT8):
+    shape_ok = tuple(values.shape) == tuple(want_v.shape) and jnp.dtype(
+        scale.dtype) == jnp.dtype(want_s.dtype)
+    if method in (QuantizationMethod.INT4, QuantizationMethod.INT8,
+                  QuantizationMethod.FP8) and self.group_size is None:
       # Any per-channel scale that broadcasts against the kernel is fine.
       shape_ok = shape_ok and scale.ndim == values.ndim and all(
           s in (1, v) for s, v in zip(scale.shape, values.shape))
@@ -292,8 +307,17 @@ class _QuantizedWrapper(nn.Module, _interceptor.StandsForLayer):
           f"{owner} at {path!r}: 'kernel' {tuple(values.shape)} / 'scale'"
           f' {tuple(scale.shape)} do not match a {method.value} kernel of'
           f' shape {tuple(kernel_shape)} (expected {tuple(want_v.shape)} /'
-          f' {tuple(want_s.shape)})'
+          f' {tuple(want_s.shape)} {want_s.dtype}; check `group_size` and'
+          ' `double_quant` against those given to quantize_checkpoint)'
       )
+    stats = None
+    if expected.stats is not None:
+      stats = nn.meta.unbox(self.get_variable('params', 'stats'))
+      if stats is None or tuple(stats.shape) != tuple(expected.stats.shape):
+        raise ValueError(
+            f"{owner} at {path!r}: double_quant=True needs the 'stats' leaf"
+            ' written by peft.quantize_checkpoint(params, method=\'nf4\','
+            ' double_quant=True)')
     if method in _LAYOUT_MARKERS and not self.has_variable(
         'params', _LAYOUT_MARKERS[method]):
       other = next(m for m in _LAYOUT_MARKERS if m is not method)
@@ -307,7 +331,8 @@ class _QuantizedWrapper(nn.Module, _interceptor.StandsForLayer):
             f" peft.quantize_checkpoint(params, method='{method.value}')"
         )
     return _q.QArray(values=values, scale=scale, method=method,
-                     shape=tuple(kernel_shape))
+                     shape=tuple(kernel_shape), group_size=expected.group_size,
+                     stats=stats, axes=expected.axes)
 
 
 class SimulateQuantizedDense(_QuantizedWrapper):
@@ -347,7 +372,8 @@ class SimulateQuantizedDense(_QuantizedWrapper):
                         dense.param_dtype)
     bias = self._float_bias((dense.features,))
     layer = _nnx_q.SimulateQuantizedLinear(
-        _nnx_linear(dense, kernel, bias), method=self._method)
+        _nnx_linear(dense, kernel, bias), method=self._method,
+        group_size=self.group_size, double_quant=self.double_quant)
     return layer(inputs)
 
 
@@ -386,7 +412,8 @@ class SimulateQuantizedEinsum(_QuantizedWrapper):
       geometry = _geometry.Geometry.from_einsum(einsum_str, tuple(einsum.shape))
       bias = self._float_bias(_einsum_bias_shape(geometry, jnp.ndim(inputs)))
     layer = _nnx_q.SimulateQuantizedEinsum(
-        _nnx_einsum(einsum, einsum_str, kernel, bias), method=self._method)
+        _nnx_einsum(einsum, einsum_str, kernel, bias), method=self._method,
+        group_size=self.group_size, double_quant=self.double_quant)
     return layer(inputs)
 
 
@@ -418,7 +445,10 @@ class Int4Dense(_QuantizedWrapper):
 
   Attributes:
     wrapped: the `nn.Dense`.
-    method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE.
+    method: INT4 (default), INT8, FP8, NF4, Q4_0 or Q4_0_TRANSPOSE.
+    group_size: as given to `quantize_checkpoint` (INT4 / INT8 / FP8 groups,
+      NF4 block size).
+    double_quant: NF4 only, as given to `quantize_checkpoint`.
   """
 
   _wrapped_type = nn.Dense
@@ -432,7 +462,7 @@ class Int4Dense(_QuantizedWrapper):
     bias = self._float_bias((dense.features,))
     module = _loaded(lambda: _nnx_q.Int4Linear(
         in_features, dense.features, use_bias=dense.use_bias,
-        **_quantized_kwargs(dense, self._method)), qarray, bias)
+        **_quantized_kwargs(dense, self._method, qarray)), qarray, bias)
     return module(inputs)
 
 
@@ -459,7 +489,10 @@ class Int4Einsum(_QuantizedWrapper):
 
   Attributes:
     wrapped: the `nn.Einsum`.
-    method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE.
+    method: INT4 (default), INT8, FP8, NF4, Q4_0 or Q4_0_TRANSPOSE.
+    group_size: as given to `quantize_checkpoint` (INT4 / INT8 / FP8 groups,
+      NF4 block size).
+    double_quant: NF4 only, as given to `quantize_checkpoint`.
   """
 
   _wrapped_type = nn.Einsum
@@ -481,5 +514,5 @@ class Int4Einsum(_QuantizedWrapper):
     # the matmul then dequantizes the kernel whole (peft.kernels).
     module = _loaded(lambda: _nnx_q.Int4Einsum(
         einsum_str, kernel_shape, bias_shape,
-        **_quantized_kwargs(einsum, self._method)), qarray, bias)
+        **_quantized_kwargs(einsum, self._method, qarray)), qarray, bias)
     return module(inputs)

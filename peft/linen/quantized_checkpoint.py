@@ -34,6 +34,8 @@ _PACKED_METHODS = (
     QuantizationMethod.INT8,
     QuantizationMethod.Q4_0,
     QuantizationMethod.Q4_0_TRANSPOSE,
+    QuantizationMethod.FP8,
+    QuantizationMethod.NF4,
 )
 
 
@@ -130,12 +132,16 @@ def _block_name(name, n_blocks: int, mesh):
   return name
 
 
-def _storage_names(names, method, kernel_shape, scale_shape, mesh):
+def _storage_names(names, method, kernel_shape, scale_shape, mesh,
+                   group_size=None):
   """(values names, scale names) of the storage of a kernel named `names`.
 
   The layout rule is `peft.quantization.storage_names`; here the Q4_0 block
   axis keeps its name only when the mesh divides the block count.
   """
+  if group_size is not None:  # groups / NF4 blocks: all axes but the last
+    return _q.storage_names(method, names, tuple(range(len(names) - 1)),
+                            group_size=group_size, shape=kernel_shape)
   reduced = tuple(i for i, (s, d) in enumerate(zip(scale_shape, kernel_shape))
                   if s != d)
   values, scale = _q.storage_names(method, names, reduced)
@@ -150,6 +156,8 @@ def _storage_names(names, method, kernel_shape, scale_shape, mesh):
 def box_storage(box, qarray, kernel):
   """`qarray`'s values and scale boxed like the kernel's `box`.
 
+  NF4 with double quantization also has `stats` (see `box_stats`).
+
   Examples:
     >>> import jax.numpy as jnp
     >>> q = _q.quantize(jnp.ones((4, 2)), 'int8')
@@ -160,16 +168,30 @@ def box_storage(box, qarray, kernel):
     return qarray.values, qarray.scale
   values_names, scale_names = _storage_names(
       box.names, qarray.method, tuple(qarray.shape), tuple(qarray.scale.shape),
-      _known_mesh(box, kernel))
+      _known_mesh(box, kernel), qarray.group_size)
   return (box.replace(value=qarray.values, names=values_names),
           box.replace(value=qarray.scale, names=scale_names))
 
 
-def _quantize_tree(node: Mapping, method, path) -> Mapping:
+def box_stats(box, qarray):
+  """NF4's double-quantization `stats` (a few floats), replicated.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> q = _q.quantize(jnp.ones((64, 2)), 'nf4', double_quant=True)
+    >>> box_stats(None, q).shape
+    (2,)
+  """
+  if not isinstance(box, nn.Partitioned):
+    return qarray.stats
+  return box.replace(value=qarray.stats, names=(None,))
+
+
+def _quantize_tree(node: Mapping, method, path, options) -> Mapping:
   out = {}
   for key, value in node.items():
     if isinstance(value, Mapping):
-      out[key] = _quantize_tree(value, method, path + (key,))
+      out[key] = _quantize_tree(value, method, path + (key,), options)
     else:
       out[key] = value
   box = kernel = node.get('kernel')
@@ -191,10 +213,12 @@ def _quantize_tree(node: Mapping, method, path) -> Mapping:
           ' quantized'
       )
     try:
-      qarray = _q.quantize(jnp.asarray(kernel), method)
+      qarray = _q.quantize(jnp.asarray(kernel), method, **options)
     except ValueError as e:
       raise ValueError(f'quantize_checkpoint: {where!r}: {e}') from e
     out['kernel'], out['scale'] = box_storage(box, qarray, kernel)
+    if qarray.stats is not None:
+      out['stats'] = box_stats(box, qarray)
     if method in LAYOUT_MARKERS:
       out[LAYOUT_MARKERS[method]] = layout_marker()
   if type(node) is dict:  # pylint: disable=unidiomatic-typecheck
@@ -208,6 +232,9 @@ def _quantize_tree(node: Mapping, method, path) -> Mapping:
 def quantize_checkpoint(
     params: Mapping[str, Any],
     method: QuantizationMethod | str = QuantizationMethod.INT4,
+    *,
+    group_size: int | None = None,
+    double_quant: bool = False,
 ) -> Mapping[str, Any]:
   """Really quantizes every `kernel` of a linen params tree.
 
@@ -224,6 +251,14 @@ def quantize_checkpoint(
     `'q4_0_transpose'`), because the two layouts have the same shapes for a
     square kernel: `Int4Dense` / `Int4Einsum` raise a ValueError when the
     marker names another method than theirs.
+  * FP8: `values` float8_e4m3fn with `w`'s shape, float32 scales as INT8.
+  * `group_size=g` (INT4 / INT8 / FP8): one scale per `g` values along the
+    contracted axes (all but the last): `scale` `(K // g, N)` for `[K, N]`.
+  * NF4 (bitsandbytes' QLoRA format): `values` uint8 `(K // 2, N)` (two
+    codes per byte), `scale` the float32 absmax per block of 64 (or
+    `group_size`) `(K // 64, N)`; with `double_quant=True` the absmax is
+    stored as uint8 codes and a `'stats'` leaf holds their float32 offset
+    and scales.
 
   Other leaves (biases, norms, LoRA `a`/`b`) are untouched; the input is not
   modified. A kernel boxed in `nn.Partitioned` (`nn.with_partitioning`) gives
@@ -245,7 +280,10 @@ def quantize_checkpoint(
 
   Args:
     params: nested mapping of params (e.g. `model.init(...)['params']`).
-    method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE.
+    method: INT4 (default), INT8, FP8, NF4, Q4_0 or Q4_0_TRANSPOSE.
+    group_size: INT4 / INT8 / FP8: scales per group of contracted values
+      (None: per output channel); NF4: the block size (None: 64).
+    double_quant: NF4 only: 8-bit absmax (bitsandbytes').
 
   Returns:
     A new tree of the same mapping kind.
@@ -260,4 +298,5 @@ def quantize_checkpoint(
         'quantize_checkpoint: `params` must be a nested mapping (dict /'
         f' FrozenDict) of arrays, got {type(params).__name__}'
     )
-  return _quantize_tree(params, method, ())
+  options = dict(group_size=group_size, double_quant=double_quant)
+  return _quantize_tree(params, method, (), options)

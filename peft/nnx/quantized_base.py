@@ -5,7 +5,8 @@
   channel over the contracted axes of its geometry), straight-through
   gradient to the float kernel, which stays the trainable param.
 * `QuantizedLayer(geometry, method=...)`: an inference layer holding real
-  packed storage (int4 / int8 per channel, or ggml Q4_0 blocks) in two
+  packed storage (int4 / int8 / fp8 per channel or group, ggml Q4_0 or
+  bitsandbytes NF4 blocks) in two
   `QuantizedWeight` variables, `values` and `scale`, allocated from shapes;
   `QuantizedLayer.from_float(layer)` quantizes a float layer into one. The
   matmul is `peft.kernels.quantized_einsum` (`strategy=` chooses how).
@@ -35,10 +36,12 @@ from jax.sharding import PartitionSpec
 
 from peft import kernels
 from peft.geometry import Geometry
-from peft.nnx import registry
+from peft.nnx.quantized_simulate import SimulateQuantized
+from peft.nnx.quantized_simulate import _check_quant_args
+from peft.nnx.quantized_simulate import _layer_entry
+from peft.nnx.quantized_simulate import _reduced_axes
 from peft.nnx.quantized_storage import QuantizedWeight
 from peft.nnx.quantized_storage import as_method as _as_method
-from peft.nnx.quantized_storage import check_block_axis as _check_block_axis
 from peft.nnx.quantized_storage import check_storage as _check_storage
 from peft.nnx.quantized_storage import storage_layout as _storage_layout
 from peft.nnx.quantized_storage import kernel_names as _kernel_names
@@ -47,127 +50,16 @@ from peft.quantization import QArray
 from peft.quantization import QuantizationMethod
 from peft.quantization import dequantize
 from peft.quantization import quantize
-from peft.quantization import simulate_quantize
 from peft.quantization import storage_names
 
 __all__ = ['QuantizedWeight', 'SimulateQuantized', 'QuantizedLayer']
 
 _Q4_0 = (QuantizationMethod.Q4_0, QuantizationMethod.Q4_0_TRANSPOSE)
-_PACKED = (QuantizationMethod.INT4, QuantizationMethod.INT8, *_Q4_0)
+_PACKED = (QuantizationMethod.INT4, QuantizationMethod.INT8, *_Q4_0,
+           QuantizationMethod.FP8, QuantizationMethod.NF4)
+_SCALED = (QuantizationMethod.INT4, QuantizationMethod.INT8,
+           QuantizationMethod.FP8)
 _promote_dtype = nnx.nn.dtypes.promote_dtype
-
-
-def _layer_entry(layer, what: str) -> registry.LayerType:
-  entry = registry.layer_type(layer)
-  if entry is None:
-    raise TypeError(f'{what}: `wrapped` cannot be quantized: '
-                    + registry.unsupported_message(layer))
-  return entry
-
-
-def _reduced_axes(geometry: Geometry, lead: int) -> tuple[int, ...]:
-  """Per-channel scales reduce over the contracted axes (after `lead`)."""
-  return tuple(a + lead for a in geometry.contracted_axes)
-
-
-class SimulateQuantized(registry.ReadsThrough, nnx.Module):
-  """Any registered layer whose kernel is fake-quantized in the forward pass.
-
-  The params are the wrapped layer's; the forward is the layer's own
-  (`registry.layer_type(wrapped).forward`) with
-  `simulate_quantize(kernel, method)`, per channel over the contracted axes
-  of its geometry (plus any `nnx.vmap` stacking axes in front), and the
-  gradient passes straight through to the float kernel.
-
-  Attributes:
-    wrapped: the float layer.
-    method: the `QuantizationMethod`.
-    geometry: the wrapped layer's `peft.geometry.Geometry` (one layer).
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> layer = SimulateQuantized(nnx.Linear(64, 32, rngs=nnx.Rngs(0)),
-    ...                           method='int4')
-    >>> layer(jnp.ones((2, 64))).shape, layer.geometry.contracted_axes
-    ((2, 32), (0,))
-  """
-
-  _wrapped_type: type | None = None
-
-  def __init__(self, wrapped, *, method=QuantizationMethod.INT4):
-    what = type(self).__name__
-    if self._wrapped_type is not None and not isinstance(
-        wrapped, self._wrapped_type):
-      raise TypeError(
-          f'{what}: `wrapped` must be an nnx.{self._wrapped_type.__name__},'
-          f' got {type(wrapped).__name__}; use the SimulateQuantized* class'
-          ' matching the layer type, or SimulateQuantized for any registered'
-          ' layer.'
-      )
-    entry = _layer_entry(wrapped, what)
-    method = _as_method(method, what)
-    geometry = entry.geometry(wrapped)
-    shape = tuple(getattr(wrapped, entry.kernel).shape)
-    geometry.lead_shape(shape)  # ValueError if the layer is inconsistent
-    _check_block_axis(method, shape, what)
-    self.wrapped = wrapped
-    self.method = method
-    self.geometry = geometry
-
-  def __treescope_repr__(self, path, subtree_renderer):
-    from peft.nnx import visual  # pylint: disable=g-import-not-at-top
-    return visual.simulated_treescope_repr(self, path, subtree_renderer)
-
-  @property
-  def kernel(self) -> nnx.Variable:
-    """The wrapped layer's (float, trainable) kernel variable."""
-    return getattr(self.wrapped, registry.layer_type(self.wrapped).kernel)
-
-  @property
-  def bias(self) -> nnx.Variable | None:
-    """The wrapped layer's bias variable (or None)."""
-    name = registry.layer_type(self.wrapped).bias
-    return getattr(self.wrapped, name, None) if name else None
-
-  @property
-  def kernel_shape(self) -> tuple[int, ...]:
-    """Shape of the kernel (with any leading `nnx.vmap` stacking axes)."""
-    return tuple(self.kernel.shape)
-
-  @property
-  def param_dtype(self):
-    """The dtype of the float kernel."""
-    return jnp.dtype(self.kernel.get_value().dtype)
-
-  @property
-  def kernel_sharding(self) -> tuple[Any, ...] | None:
-    """The float kernel's sharding names (None when it has none)."""
-    return _kernel_names(self.kernel)
-
-  @property
-  def dtype(self):
-    """The wrapped layer's computation dtype (None: from the inputs)."""
-    return getattr(self.wrapped, 'dtype', None)
-
-  @property
-  def precision(self):
-    """The wrapped layer's matmul precision."""
-    return getattr(self.wrapped, 'precision', None)
-
-  def quantized_kernel(self, geometry: Geometry | None = None) -> jax.Array:
-    """The fake-quantized kernel the forward pass uses (straight-through)."""
-    geometry = geometry or self.geometry
-    kernel = self.kernel[...]
-    lead = len(geometry.lead_shape(kernel.shape))
-    return simulate_quantize(kernel, self.method,
-                             axis_to_reduce=_reduced_axes(geometry, lead))
-
-  def __call__(self, inputs, out_sharding=None):
-    """Applies the wrapped layer with the fake-quantized kernel."""
-    return registry.layer_type(self.wrapped).forward(
-        self.wrapped, inputs, self.quantized_kernel(),
-        out_sharding=out_sharding)
 
 
 class QuantizedLayer(nnx.Module):
@@ -181,7 +73,8 @@ class QuantizedLayer(nnx.Module):
   Args:
     geometry: the `peft.geometry.Geometry` of one layer; its `bias_shape`
       (None: no bias) gives the bias.
-    method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE (or their names).
+    method: INT4 (default), INT8, FP8, NF4, Q4_0 or Q4_0_TRANSPOSE (or
+      their names).
     dtype: computation dtype (None: promoted from inputs and `param_dtype`).
     param_dtype: dtype of the float kernel (and of the bias).
     precision: `lax.Precision` of the matmul.
@@ -192,9 +85,16 @@ class QuantizedLayer(nnx.Module):
       axes), or None; the storage is annotated (and, under a mesh with eager
       sharding, placed) accordingly.
     strategy: `'auto'`, `'blockwise'` or `'fused'` (see `peft.kernels`).
+    group_size: INT4 / INT8 / FP8: one scale per `group_size` contracted
+      values (None: per output channel); NF4: the block size (None: 64).
+    double_quant: NF4 only: 8-bit block absmax (bitsandbytes'
+      `compress_statistics=True`); adds the `stats` variable.
 
   Attributes:
-    values, scale: the `QuantizedWeight` storage.
+    values, scale: the `QuantizedWeight` storage (scales per channel, per
+      group or per NF4 block, laid out like the values).
+    stats: NF4 double-quantization statistics (a `QuantizedWeight`), or
+      None.
     bias: an `nnx.Param` or None.
 
   Examples:
@@ -221,6 +121,8 @@ class QuantizedLayer(nnx.Module):
       leading_shape: Sequence[int] = (),
       kernel_sharding: Sequence[Any] | None = None,
       strategy: str = 'auto',
+      group_size: int | None = None,
+      double_quant: bool = False,
   ):
     what = type(self).__name__
     if not isinstance(geometry, Geometry):
@@ -237,6 +139,8 @@ class QuantizedLayer(nnx.Module):
     leading_shape = tuple(int(d) for d in leading_shape)
     shape = (*leading_shape, *geometry.kernel_shape)
     _check_storage(method, geometry, shape, kernel_sharding, what)
+    _check_quant_args(method, shape, geometry, group_size, double_quant,
+                      what, stacked=bool(leading_shape))
     self.geometry = geometry
     self.method = method
     self.dtype = dtype
@@ -247,11 +151,14 @@ class QuantizedLayer(nnx.Module):
     self.strategy = strategy
     # The storage of an all-zero kernel, in the codec's own layout.
     layout = _storage_layout(method, shape, self.param_dtype,
-                             _reduced_axes(geometry, len(leading_shape)))
+                             _reduced_axes(geometry, len(leading_shape)),
+                             group_size, double_quant)
     values = jnp.zeros(layout.values.shape, layout.values.dtype)
-    scale_fill = jnp.zeros if method in _Q4_0 else jnp.ones  # dequantizes to 0
+    scale_fill = jnp.ones if method in _SCALED else jnp.zeros  # zero kernel
     scale = scale_fill(layout.scale.shape, layout.scale.dtype)
-    self._store(QArray(values, scale, method, shape), kernel_sharding)
+    stats = None if layout.stats is None else jnp.zeros(layout.stats.shape)
+    self._store(QArray(values, scale, method, shape, layout.group_size,
+                       stats, layout.axes), kernel_sharding)
     if geometry.bias_shape is not None:
       self.bias = nnx.Param(
           jnp.zeros((*leading_shape, *geometry.bias_shape), self.param_dtype))
@@ -265,7 +172,8 @@ class QuantizedLayer(nnx.Module):
     return {'geometry': geometry}
 
   @classmethod
-  def from_float(cls, layer, *, method=None, strategy: str = 'auto'):
+  def from_float(cls, layer, *, method=None, strategy: str = 'auto',
+                 group_size: int | None = None, double_quant: bool = False):
     """Quantizes a float layer (or its `SimulateQuantized` wrapper).
 
     The layer is built from the float layer's geometry (stacked kernels from
@@ -278,9 +186,14 @@ class QuantizedLayer(nnx.Module):
       layer: a registered float layer (`nnx.Linear`, `nnx.Einsum`, ...; the
         `Int4*` subclasses need their own type), or a `SimulateQuantized`
         wrapper of one (then `method` defaults to the wrapper's method).
-      method: INT4 (default), INT8, Q4_0 or Q4_0_TRANSPOSE, as an enum or
-        name (case-insensitive).
+      method: INT4 (default), INT8, FP8, NF4, Q4_0 or Q4_0_TRANSPOSE, as an
+        enum or name (case-insensitive).
       strategy: the matmul strategy (see `peft.kernels`).
+      group_size: INT4 / INT8 / FP8: one scale per `group_size` contracted
+        values (None: per output channel); NF4: the block size (None: 64).
+        From a `SimulateQuantized` wrapper, its own when None.
+      double_quant: NF4 only: 8-bit absmax (bitsandbytes'
+        `compress_statistics=True`).
 
     Returns:
       The quantized layer; `layer` is not modified.
@@ -293,7 +206,10 @@ class QuantizedLayer(nnx.Module):
     """
     what = f'{cls.__name__}.from_float'
     if isinstance(layer, SimulateQuantized):
-      method = layer.method if method is None else method
+      if method is None:
+        method = layer.method
+        group_size = layer.group_size if group_size is None else group_size
+        double_quant = double_quant or layer.double_quant
       layer = layer.wrapped
     method = _as_method(QuantizationMethod.INT4 if method is None else method,
                         what)
@@ -313,15 +229,19 @@ class QuantizedLayer(nnx.Module):
         param_dtype=kernel.dtype, precision=getattr(layer, 'precision', None),
         preferred_element_type=getattr(layer, 'preferred_element_type', None),
         leading_shape=lead, kernel_sharding=names, strategy=strategy,
+        group_size=group_size, double_quant=double_quant,
     )
     if getattr(layer, 'promote_dtype', None) is not None:
       kwargs['promote_dtype'] = layer.promote_dtype
     args = cls._layer_args(layer, geometry)
     new = nnx.eval_shape(lambda: cls(**args, **kwargs))  # nothing allocated
     # An empty kernel has no values to check: quantize it traced.
-    fn = quantize if kernel.size else jax.jit(quantize, static_argnums=(1, 2))
+    fn = quantize if kernel.size else jax.jit(
+        quantize, static_argnums=(1, 2), static_argnames=(
+            'group_size', 'double_quant'))
     try:
-      qarray = fn(kernel, method, _reduced_axes(geometry, len(lead)))
+      qarray = fn(kernel, method, _reduced_axes(geometry, len(lead)),
+                  group_size=group_size, double_quant=double_quant)
     except ValueError as e:
       raise ValueError(f'{what}: kernel of shape {kernel.shape}: {e}') from e
     new._store(qarray, names, kernel_var.get_metadata(), like=kernel)
@@ -334,15 +254,24 @@ class QuantizedLayer(nnx.Module):
     shape = kernels.kernel_shape(qarray)
     lead = len(self.geometry.lead_shape(shape))
     self.method = qarray.method
+    self.group_size = qarray.group_size
+    self.axes = qarray.axes
     extra = {}
     vnames = snames = None
     if names is not None and len(names) == len(shape):
       vnames, snames = storage_names(
-          qarray.method, names, _reduced_axes(self.geometry, lead))
+          qarray.method, names, _reduced_axes(self.geometry, lead),
+          group_size=qarray.group_size, shape=shape)
       extra['kernel_sharding'] = tuple(names)
     self.values = _storage_variable(qarray.values, vnames, source_meta, like,
                                     **extra)
     self.scale = _storage_variable(qarray.scale, snames, source_meta, like)
+    if qarray.stats is None:
+      self.stats = nnx.data(None)
+    else:  # a few floats for the whole kernel: replicated
+      self.stats = _storage_variable(
+          qarray.stats, None if snames is None else (None,), source_meta,
+          like)
 
   def set_weight(self, value) -> None:
     """Replaces the storage by a `QArray` (or a `QuantizedWeight` of one).
@@ -374,9 +303,11 @@ class QuantizedLayer(nnx.Module):
   @property
   def qarray(self) -> QArray:
     """The quantized kernel as a `QArray` rebuilt from `values` and `scale`."""
+    stats = None if self.stats is None else self.stats.get_value()
     q = QArray(values=self.values.get_value(), scale=self.scale.get_value(),
-               method=self.method, shape=())
-    return QArray(q.values, q.scale, q.method, kernels.kernel_shape(q))
+               method=self.method, shape=(), group_size=self.group_size,
+               stats=stats, axes=self.axes)
+    return dataclasses.replace(q, shape=kernels.kernel_shape(q))
 
   @property
   def weight(self) -> QuantizedWeight:
@@ -439,9 +370,12 @@ class QuantizedLayer(nnx.Module):
       )
     lead = len(self.geometry.lead_shape(shape))
     values, scale = storage_names(self.method, names,
-                                  _reduced_axes(self.geometry, lead))
+                                  _reduced_axes(self.geometry, lead),
+                                  group_size=self.group_size, shape=shape)
+    stats = None if self.stats is None else PartitionSpec(None)
     return QArray(values=PartitionSpec(*values), scale=PartitionSpec(*scale),
-                  method=self.method, shape=shape)
+                  method=self.method, shape=shape,
+                  group_size=self.group_size, stats=stats, axes=self.axes)
 
   def dequantized_kernel(self, dtype: Any = None) -> jax.Array:
     """The float kernel (`param_dtype` by default), with leading axes."""

@@ -241,12 +241,20 @@ def check_storage(method, geometry, shape, kernel_sharding, what: str):
     )
 
 
-def storage_layout(method, shape, dtype, axes) -> QArray:
+def storage_layout(method, shape, dtype, axes, group_size=None,
+                   double_quant=False) -> QArray:
   """The storage `QArray` of a kernel of `shape`, as shapes (no compute).
+
+  Raises the ValueError of `quantize` for a shape that cannot hold `method`
+  (e.g. a `group_size` that does not divide the contracted size).
 
   Examples:
     >>> storage_layout('q4_0', (64, 32), 'float32', (0,)).values.shape
     (64, 1, 16)
+    >>> storage_layout('nf4', (128, 32), 'float32', (0,)).scale.shape
+    (2, 32)
   """
-  return jax.eval_shape(lambda w: quantize(w, method, axes),
-                        jax.ShapeDtypeStruct(tuple(shape), dtype))
+  return jax.eval_shape(
+      lambda w: quantize(w, method, axes, group_size=group_size,
+                         double_quant=double_quant),
+      jax.ShapeDtypeStruct(tuple(shape), dtype))

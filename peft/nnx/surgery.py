@@ -326,7 +326,8 @@ def _quantized_class(base, real: bool) -> type:
 
 
 def _quantize_op(
-    model, method, where, expected_count, dry_run, real: bool
+    model, method, where, expected_count, dry_run, real: bool,
+    group_size=None, double_quant=False,
 ) -> Any:
   from peft import quantization as _qz  # pylint: disable=g-import-not-at-top
 
@@ -353,9 +354,11 @@ def _quantize_op(
     base = base_of(t)
     cls = _quantized_class(base, real)
     if real:  # from_float also accepts a SimulateQuantized layer.
-      new = cls.from_float(base, method=method)
+      new = cls.from_float(base, method=method, group_size=group_size,
+                           double_quant=double_quant)
     else:
-      new = cls(base, method=method)
+      new = cls(base, method=method, group_size=group_size,
+                double_quant=double_quant)
     # The base object is replaced wherever it appears: at the top level, or as
     # `wrapper.wrapped` inside a LoRA wrapper (which keeps its adapter).
     replacements[id(base)] = new
@@ -392,6 +395,8 @@ def simulate_quantization(
     where: Selector = None,
     expected_count: int | None = None,
     dry_run: bool = False,
+    group_size: int | None = None,
+    double_quant: bool = False,
 ) -> Any:
   """Wraps the selected float layers in `SimulateQuantized*`, in place.
 
@@ -406,6 +411,9 @@ def simulate_quantization(
     where: a selector (see the module docstring); `None` = every layer.
     expected_count: if given, the number of layers that must match.
     dry_run: return the list of paths that would change; change nothing.
+    group_size: INT4 / INT8 / FP8: one scale per `group_size` contracted
+      values (None: per output channel); NF4: its block size (None: 64).
+    double_quant: NF4 only: 8-bit absmax statistics (bitsandbytes').
 
   Returns:
     The model (or the list of paths if `dry_run`).
@@ -418,7 +426,8 @@ def simulate_quantization(
     >>> type(model.layers[0]).__name__
     'SimulateQuantizedLinear'
   """
-  return _quantize_op(model, method, where, expected_count, dry_run, False)
+  return _quantize_op(model, method, where, expected_count, dry_run, False,
+                      group_size, double_quant)
 
 
 def quantize(
@@ -428,6 +437,8 @@ def quantize(
     where: Selector = None,
     expected_count: int | None = None,
     dry_run: bool = False,
+    group_size: int | None = None,
+    double_quant: bool = False,
 ) -> Any:
   """Replaces the selected float layers by packed `Int4*` layers, in place.
 
@@ -440,11 +451,14 @@ def quantize(
 
   Args:
     model: an `nnx.Module`.
-    method: a `QuantizationMethod` or name: `'int4'`, `'int8'`, `'q4_0'`,
-      `'q4_0_transpose'`.
+    method: a `QuantizationMethod` or name: `'int4'`, `'int8'`, `'fp8'`,
+      `'nf4'`, `'q4_0'`, `'q4_0_transpose'`.
     where: a selector (see the module docstring); `None` = every layer.
     expected_count: if given, the number of layers that must match.
     dry_run: return the list of paths that would change; change nothing.
+    group_size: INT4 / INT8 / FP8: one scale per `group_size` contracted
+      values (None: per output channel); NF4: its block size (None: 64).
+    double_quant: NF4 only: 8-bit absmax statistics (bitsandbytes').
 
   Returns:
     The model (or the list of paths if `dry_run`).
@@ -457,7 +471,8 @@ def quantize(
     >>> type(model.layers[0]).__name__
     'Int4Linear'
   """
-  return _quantize_op(model, method, where, expected_count, dry_run, True)
+  return _quantize_op(model, method, where, expected_count, dry_run, True,
+                      group_size, double_quant)
 
 
 def lora_state(model: Any, name: str | None = None) -> nnx.State:
