@@ -198,11 +198,15 @@ def test_load_missing_target_layer_raises(tmp_path):
     checkpoint.load_adapter(tmp_path / 'ad', nnx.clone(base))
 
 
-def test_load_onto_wrapped_model_raises(tmp_path):
+def test_load_onto_wrapped_model_restores_its_adapter(tmp_path):
   model, _ = _trained()
+  saved = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
   checkpoint.save_adapter(tmp_path / 'ad', model)
-  with pytest.raises(ValueError, match='already has a LoRA adapter'):
-    checkpoint.load_adapter(tmp_path / 'ad', model)
+  nnx.update(model, jax.tree.map(jnp.zeros_like,
+                                 nnx.state(model, nnx.LoRAParam)))
+  loaded = checkpoint.load_adapter(tmp_path / 'ad', model, strict=True)
+  assert loaded is model
+  _assert_trees_bit_equal(saved, nnx.state(model, nnx.LoRAParam))
 
 
 def test_save_errors(tmp_path):
@@ -754,7 +758,7 @@ def test_stacked_layers_keep_one_saved_scale_per_slice(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(model(x)))
 
 
-def test_named_adapter_keeps_its_name_and_several_are_refused(tmp_path):
+def test_named_adapter_keeps_its_name_and_several_are_saved(tmp_path):
   import peft.nnx as pnnx  # pylint: disable=g-import-not-at-top
   model = _Net(nnx.Rngs(0))
   base = nnx.clone(model)
@@ -767,6 +771,7 @@ def test_named_adapter_keeps_its_name_and_several_are_refused(tmp_path):
   np.testing.assert_array_equal(np.asarray(loaded(_x())),
                                 np.asarray(model(_x())))
   pnnx.apply_lora(model, rank=2, where='proj', name='other', rngs=nnx.Rngs(2))
-  with pytest.raises(ValueError, match=r"proj: \['task', 'other'\]"):
-    checkpoint.save_adapter(tmp_path / 'two', model)
-  assert not (tmp_path / 'two').exists()
+  config = checkpoint.save_adapter(tmp_path / 'two', model)
+  assert [t['name'] for t in config['layers']] == ['task', 'other']
+  assert pnnx.list_adapters(checkpoint.load_adapter(
+      tmp_path / 'two', nnx.clone(base))) == ['task', 'other']

@@ -98,7 +98,7 @@ from peft.checkpoint.fingerprint import _sample_checksum
 from peft.checkpoint.save import save_adapter
 from peft.checkpoint.load import _apply
 from peft.checkpoint.load import _layers_by_path
-from peft.checkpoint.load import _saved_scales
+from peft.checkpoint.load import _saved_scale
 from peft.checkpoint.load import load_adapter
 
 __all__ = [

@@ -24,7 +24,9 @@ __all__ = [
 ADAPTER_CONFIG = 'adapter_config.json'
 ADAPTER_PARAMS = 'lora'
 _FORMAT = 'flax-peft-lora-adapter'
-_FORMAT_VERSION = 1
+# 1: one adapter per layer (the first release); 2: several adapters on some
+# layer (written only then, so one adapter per layer stays readable by 1).
+_FORMAT_VERSION = 2
 
 
 def _wrapper_types() -> tuple[type, ...]:
@@ -55,6 +57,15 @@ def _wrappers(model: Any) -> list[tuple[Path, Any]]:
       for path, node in nnx.iter_graph(model)
       if isinstance(node, types)
   ]
+
+
+def _weights(wrapper: Any) -> list[float]:
+  """Each adapter's weight in the layer's output (the first: 1 by default)."""
+  weights = getattr(wrapper, 'adapter_weights', None)
+  n = len(_adapter_names(wrapper))
+  if weights is None:
+    return [1.0] + [0.0] * (n - 1)
+  return [float(v) for v in np.asarray(weights.get_value())]
 
 
 def adapter_targets(model: nnx.Module) -> list[Path]:
@@ -154,6 +165,21 @@ def read_adapter_config(directory: Any) -> dict[str, Any]:
         problems.append(f'layers[{i}].alpha must be a number or null')
       if not isinstance(t.get('name', 'default'), str):
         problems.append(f'layers[{i}].name must be a string')
+      for key, types, what in (('weight', (int, float), 'a number'),
+                               ('dora', (bool,), 'a bool'),
+                               ('param_dtype', (str,), 'a dtype name')):
+        if key in t and (not isinstance(t[key], types) or (
+            key == 'weight' and isinstance(t[key], bool))):
+          problems.append(f'layers[{i}].{key} must be {what},'
+                          f' got {t[key]!r}')
+    seen = set()
+    for i, t in enumerate(layers):
+      if isinstance(t, dict) and isinstance(t.get('path'), list):
+        pair = (_norm(tuple(t['path'])), t.get('name', 'default'))
+        if pair in seen:
+          problems.append(f'layers[{i}] repeats adapter {pair[1]!r} of layer'
+                          f' {"/".join(pair[0])}')
+        seen.add(pair)
   for key, typ in (('checksums', dict), ('base_fingerprint', list)):
     if key in config and not isinstance(config[key], typ):
       problems.append(f'"{key}" must be a {typ.__name__}')
@@ -163,3 +189,19 @@ def read_adapter_config(directory: Any) -> dict[str, Any]:
         + '; save the adapter again'
     )
   return config
+
+
+def _layout(layers: list[dict[str, Any]]) -> list[tuple[str, ...]]:
+  """Where each config entry's arrays are, under its layer's path.
+
+  A layer's first entry (in config order) is at `lora`, the next ones at
+  `adapters/<name>`: the layout of a wrapper whose adapters were added in
+  that order, and the only layout format_version 1 has (one per layer).
+  """
+  seen, out = set(), []
+  for t in layers:
+    key = _norm(tuple(t['path']))
+    out.append(('adapters', t.get('name', 'default')) if key in seen
+               else ('lora',))
+    seen.add(key)
+  return out

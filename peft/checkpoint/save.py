@@ -28,6 +28,7 @@ from peft.checkpoint.config import _adapter_names
 from peft.checkpoint.config import _base_method
 from peft.checkpoint.config import _json_key
 from peft.checkpoint.config import _scale_entry
+from peft.checkpoint.config import _weights
 from peft.checkpoint.config import _wrappers
 from peft.checkpoint.fingerprint import _digests
 from peft.checkpoint.fingerprint import _fingerprint
@@ -43,10 +44,14 @@ def save_adapter(
     metadata: dict[str, Any] | None = None,
     name: str | None = None,
 ) -> dict[str, Any]:
-  """Saves only the LoRA adapter of `model`, atomically: params and a config.
+  """Saves only the LoRA adapters of `model`, atomically: params and a config.
 
-  With several named adapters per layer (`peft.nnx.adapters`), pass `name` to
-  save that adapter; `load_adapter` re-creates it under the same name.
+  Without `name`, every named adapter of every layer is saved (see
+  `peft.nnx.adapters`): per layer and adapter its name, rank, alpha,
+  `use_rslora`, scale, DoRA magnitude (if any), parameter dtype and its
+  weight in the layer's output (`set_active_adapters`); `load_adapter`
+  re-creates them all. With `name`, only that adapter is saved. Per-example
+  routing (`set_adapter_ids`) and `disable_adapters` are not saved.
 
   Writes `directory/lora` (orbax, the `nnx.LoRAParam` state) and
   `directory/adapter_config.json`: rank and alpha (top level when all adapters
@@ -75,6 +80,10 @@ def save_adapter(
     >>> config = save_adapter(tempfile.mkdtemp() + '/adapter', model)
     >>> config['rank'], config['targets'], config['layers'][0]['scale']
     (2, [['layers', 0]], 2.0)
+    >>> _ = surgery.apply_lora(model, rank=3, name='b', rngs=nnx.Rngs(2))
+    >>> config = save_adapter(tempfile.mkdtemp() + '/adapters', model)
+    >>> config['adapters'], [t['rank'] for t in config['layers']]
+    (['default', 'b'], [2, 3])
   """
   if not isinstance(model, nnx.Module):
     raise TypeError(f'model: expected an nnx.Module, got {type(model).__name__}')
@@ -96,37 +105,36 @@ def save_adapter(
     wrappers = [(p, w) for p, w in wrappers if name in _adapter_names(w)]
     if not wrappers:
       raise ValueError(f'name: the model has no adapter named {name!r}')
-  several = [f'{_show(p)}: {list(_adapter_names(w))}' for p, w in wrappers
-             if len(_adapter_names(w)) > 1 and name is None]
-  if several:
-    raise ValueError(
-        'model: save_adapter saves one adapter per layer, and these layers'
-        ' hold several named adapters: ' + '; '.join(several[:5])
-        + ('; ...' if len(several) > 5 else '')
-        + '; pass name=... to save one of them, or keep one per layer'
-        ' (peft.nnx.delete_adapter, combine_adapters)'
-    )
   targets, fingerprint = [], []
   state: dict[Any, Any] = {}
   for path, w in wrappers:
-    ad = w.adapter(name) if name is not None else w.lora
-    node = state
-    for k in path:
-      node = node.setdefault(k, {})
-    node['lora'] = nnx.to_pure_dict(nnx.state(ad, nnx.LoRAParam))
-    targets.append({
-        'name': name if name is not None else _adapter_names(w)[0],
-        'path': [_json_key(k) for k in path],
-        'type': type(w).__name__,
-        'base': type(w.wrapped).__name__,
-        'method': _base_method(w.wrapped),
-        'kernel_shape': [int(d) for d in
-                         jax.eval_shape(lambda ad=ad: ad.delta()).shape],
-        'rank': int(ad.rank),
-        'alpha': None if ad.alpha is None else float(ad.alpha),
-        'use_rslora': bool(ad.use_rslora),
-        'scale': _scale_entry(ad.scale[...]),
-    })
+    names = (name,) if name is not None else _adapter_names(w)
+    weights = dict(zip(_adapter_names(w), _weights(w)))
+    for i, n in enumerate(names):
+      ad = w.adapter(n) if hasattr(w, 'adapter') else w.lora
+      node = state
+      for k in path:
+        node = node.setdefault(k, {})
+      if i:  # the layout of _layout: the first at `lora`, then by name
+        node = node.setdefault('adapters', {})
+      node['lora' if not i else n] = nnx.to_pure_dict(
+          nnx.state(ad, nnx.LoRAParam))
+      targets.append({
+          'name': n,
+          'path': [_json_key(k) for k in path],
+          'type': type(w).__name__,
+          'base': type(w.wrapped).__name__,
+          'method': _base_method(w.wrapped),
+          'kernel_shape': [int(d) for d in
+                           jax.eval_shape(lambda ad=ad: ad.delta()).shape],
+          'rank': int(ad.rank),
+          'alpha': None if ad.alpha is None else float(ad.alpha),
+          'use_rslora': bool(ad.use_rslora),
+          'scale': _scale_entry(ad.scale[...]),
+          'weight': weights[n],
+          'dora': getattr(ad, 'magnitude', None) is not None,
+          'param_dtype': str(np.dtype(ad.a.get_value().dtype)),
+      })
     fingerprint.extend(_fingerprint(path, w.wrapped))
 
   def common(key):
@@ -134,9 +142,16 @@ def save_adapter(
     return targets[0][key] if len(values) == 1 else None
 
   methods = sorted({t['method'] for t in targets})
+  paths, adapters = [], []
+  for t in targets:
+    if t['path'] not in paths:
+      paths.append(t['path'])
+    if t['name'] not in adapters:
+      adapters.append(t['name'])
   config = {
       'format': _FORMAT,
-      'format_version': _FORMAT_VERSION,
+      # 1 while each layer holds one adapter: the first release reads it.
+      'format_version': 1 if len(paths) == len(targets) else _FORMAT_VERSION,
       'library': 'flax-peft',
       'version': _version(),
       'peft_type': 'lora',
@@ -144,7 +159,8 @@ def save_adapter(
       'alpha': common('alpha'),
       'use_rslora': common('use_rslora'),
       'method': methods[0] if len(methods) == 1 else methods,
-      'targets': [t['path'] for t in targets],
+      'targets': paths,
+      'adapters': adapters,
       'layers': targets,
       'checksums': _digests(state),
       'base_fingerprint': fingerprint,
