@@ -131,6 +131,9 @@ def test_load_adds_saved_adapters_next_to_the_models_own(tmp_path):
   loaded = checkpoint.load_adapter(tmp_path / 'ad', mine)
   assert pnnx.list_adapters(loaded) == ['mine', 'c']
   assert loaded.proj.adapter_names == ('mine', 'c')
+  # 'mine' keeps its weight, 'c' gets its saved one.
+  np.testing.assert_array_equal(np.asarray(loaded.proj.adapter_weights[...]),
+                                [1.0, -0.25])
   _assert_trees_bit_equal(nnx.state(model.proj.adapter('c'), nnx.LoRAParam),
                           nnx.state(loaded.proj.adapter('c'), nnx.LoRAParam))
   pnnx.set_active_adapters(model, 'c')
@@ -299,3 +302,10 @@ def test_first_release_adapters_still_load(kind, name):
   np.testing.assert_allclose(np.asarray(loaded(jnp.asarray(expected['x']))),
                              expected[f'{kind}/out'], rtol=1e-6, atol=1e-6)
   assert os.path.isdir(_FIXTURES / kind / 'lora')  # read, never rewritten
+  # Next to another adapter, a first-release adapter is active (weight 1),
+  # as it was in the model that saved it.
+  other = pnnx.apply_lora(_v1_base(), rank=1, name='other', rngs=nnx.Rngs(0))
+  loaded = checkpoint.load_adapter(_FIXTURES / kind, other)
+  assert loaded.layers[0].adapter_names == ('other', name)
+  np.testing.assert_array_equal(
+      np.asarray(loaded.layers[0].adapter_weights[...]), [1.0, 1.0])

@@ -1,4 +1,12 @@
-"""The adapter format: `adapter_config.json`, its checks, the wrapped layers."""
+"""The adapter format: `adapter_config.json`, its checks, the wrapped layers.
+
+`layers` has one entry per (layer, named adapter): path, name, rank, alpha,
+`use_rslora`, scale, weight, `dora`, `param_dtype`, base method and shapes.
+The arrays of a layer's first entry are at `<path>/lora` in the orbax tree,
+those of its next entries at `<path>/adapters/<name>` (`_layout`).
+`format_version` 1 (the first release) has one entry per layer; 2 is written
+only when some layer holds several adapters.
+"""
 
 from __future__ import annotations
 

@@ -335,9 +335,10 @@ def load_adapter(
     nnx.update(ad, lora)
     if scale is not None:
       ad.scale[...] = jax.numpy.asarray(scale)
-    if 'weight' in t:
-      weights.setdefault(_norm(tuple(t['path'])), {})[
-          t.get('name', 'default')] = float(t['weight'])
+    # Files of the first release hold no weights: their adapter was its
+    # layer's only one, active with weight 1.
+    weights.setdefault(_norm(tuple(t['path'])), {})[
+        t.get('name', 'default')] = float(t.get('weight', 1.0))
   for key, saved_weights in weights.items():
     _, w = _layers_by_path(base_model)[key]
     now = dict(zip(_adapter_names(w), _weights(w)))
