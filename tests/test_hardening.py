@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import ast
 import copy
-import dataclasses
 import pathlib
 import string
 import tempfile
-from typing import Any, Callable
 
 import flax.linen as nn
 from flax import nnx
@@ -35,6 +33,9 @@ from peft import params as pp
 from peft import quantization as pq
 from peft.nnx import lora as nl
 from peft.nnx import surgery
+from _bad import Bad
+from _bad import check_bad
+from _bad import param as _param
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 _HI = jax.lax.Precision.HIGHEST
@@ -143,17 +144,6 @@ def _simulate_q4_0_bad_axis_at_construction():
 
 def _quantize_checkpoint(params, method):
   return _optional('peft', 'quantize_checkpoint')(params, method=method)
-
-
-@dataclasses.dataclass(frozen=True)
-class Bad:
-  """One bad call: `fn()` raises one of `exc` naming every string in `names`."""
-
-  id: str
-  fn: Callable[[], Any]
-  names: tuple[str, ...]
-  exc: tuple[type, ...] = (ValueError, TypeError)
-  xfail: str | None = None
 
 
 _X = jnp.ones((4, 3), jnp.float32)
@@ -432,13 +422,6 @@ _BAD = [
 ]
 
 
-def _param(case: Bad):
-  marks = ()
-  if case.xfail:
-    marks = (pytest.mark.xfail(strict=True, reason=case.xfail),)
-  return pytest.param(case, id=case.id, marks=marks)
-
-
 def test_bad_table_ids_are_unique():
   ids = [c.id for c in _BAD]
   assert len(ids) == len(set(ids))
@@ -446,13 +429,7 @@ def test_bad_table_ids_are_unique():
 
 @pytest.mark.parametrize('case', [_param(c) for c in _BAD])
 def test_bad_input_raises_clear_error(case):
-  with pytest.raises(case.exc) as info:
-    case.fn()
-  message = str(info.value)
-  for name in case.names:
-    assert name in message, (
-        f'{case.id}: {type(info.value).__name__} message does not name'
-        f' {name!r}: {message}')
+  check_bad(case)
 
 
 # ---------------------------------------------------------------------------
