@@ -41,28 +41,15 @@ import peft.nnx as pnnx  # noqa: E402
 from peft import hf  # noqa: E402
 from peft.hf import _fused  # noqa: E402
 
-_ALWAYS_SHARD = flax.config.flax_always_shard_variable
-llama3 = pytest.importorskip('tunix.models.llama3.model')
-llama3_params = pytest.importorskip('tunix.models.llama3.params')
-gemma = pytest.importorskip('tunix.models.gemma.model')
-# Importing tunix turns flax's `flax_always_shard_variable` off for the whole
-# process; its models need it off, the other tests of this worker as it was.
-flax.config.update('flax_always_shard_variable', _ALWAYS_SHARD)
+from _tunix import WARNING_FILTERS  # noqa: E402
+from _tunix import import_tunix  # noqa: E402
+from _tunix import tunix_flax_config  # noqa: E402,F401  (autouse fixture)
 
+llama3, llama3_params, gemma = import_tunix(
+    'tunix.models.llama3.model', 'tunix.models.llama3.params',
+    'tunix.models.gemma.model')
 
-@pytest.fixture(autouse=True)
-def _tunix_flax_config():
-  flax.config.update('flax_always_shard_variable', False)
-  yield
-  flax.config.update('flax_always_shard_variable', _ALWAYS_SHARD)
-
-
-pytestmark = [
-    # tunix builds nnx.Param(..., sharding=...): flax warns on its behalf.
-    pytest.mark.filterwarnings(
-        "ignore:'sharding' is deprecated:DeprecationWarning"),
-    # tunix's Einsum reads `self.w.value`; its shard() uses pxla.
-    pytest.mark.filterwarnings(r'ignore::DeprecationWarning:tunix\..*'),
+pytestmark = WARNING_FILTERS + [
     # tunix's safetensors loader calls State.to_pure_dict (flax warns).
     pytest.mark.filterwarnings(
         'ignore:`flax.nnx.State` will be deprecated:DeprecationWarning'),

@@ -10,38 +10,27 @@ must lower the loss while leaving every base parameter bit-identical.
 
 from __future__ import annotations
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import flax
 import pytest
 from flax import nnx
 
 import peft.nnx as pnnx
 
-_ALWAYS_SHARD = flax.config.flax_always_shard_variable
-llama3 = pytest.importorskip('tunix.models.llama3.model')
-peft_trainer = pytest.importorskip('tunix.sft.peft_trainer')
-# Importing tunix turns flax's `flax_always_shard_variable` off for the whole
-# process (tunix.utils.env_utils), and its models need it off; the other tests
-# of this worker need it as it was.
-flax.config.update('flax_always_shard_variable', _ALWAYS_SHARD)
+sys.path.insert(0, os.path.dirname(__file__))
+from _tunix import WARNING_FILTERS  # noqa: E402
+from _tunix import import_tunix  # noqa: E402
+from _tunix import tunix_flax_config  # noqa: E402,F401  (autouse fixture)
 
+llama3, peft_trainer = import_tunix('tunix.models.llama3.model',
+                                    'tunix.sft.peft_trainer')
 
-@pytest.fixture(autouse=True)
-def _tunix_flax_config():
-  flax.config.update('flax_always_shard_variable', False)
-  yield
-  flax.config.update('flax_always_shard_variable', _ALWAYS_SHARD)
-
-pytestmark = [
-    # tunix builds nnx.Param(..., sharding=...): flax warns from its own
-    # module (variablelib), on tunix's behalf.
-    pytest.mark.filterwarnings(
-        "ignore:'sharding' is deprecated:DeprecationWarning"),
-    # tunix's Einsum reads `self.w.value`; its shard() uses pxla.
-    pytest.mark.filterwarnings(r'ignore::DeprecationWarning:tunix\..*'),
+pytestmark = WARNING_FILTERS + [
     # PeftTrainer's step calls optax.global_norm (optax warns in optax).
     pytest.mark.filterwarnings(
         'ignore:optax.global_norm is deprecated:DeprecationWarning'),
