@@ -396,3 +396,21 @@ def test_weighted_single_adapter_bit_equal_to_plain_layer():
   pnnx.delete_adapter(plain, 'c')
   assert plain.up.adapter_weights is None  # the plain one-adapter layout
   np.testing.assert_array_equal(y, plain(_x()))
+
+
+def test_second_adapter_can_be_added_under_eval_shape():
+  """`add_adapter` keeps the weights as arrays (no float() of a tracer)."""
+
+  def build():
+    model = nnx.Sequential(nnx.Linear(3, 4, rngs=nnx.Rngs(0)))
+    pnnx.apply_lora(model, rank=2, rngs=nnx.Rngs(1))
+    pnnx.apply_lora(model, rank=3, name='b', rngs=nnx.Rngs(2))
+    pnnx.apply_lora(model, rank=1, name='c', rngs=nnx.Rngs(3))
+    return model
+
+  abstract = nnx.eval_shape(build)
+  concrete = build()
+  assert abstract.layers[0].adapter_names == ('default', 'b', 'c')
+  assert abstract.layers[0].adapter('c').b.shape == (1, 4)
+  np.testing.assert_array_equal(concrete.layers[0].adapter_weights[...],
+                                [1.0, 0.0, 0.0])

@@ -23,20 +23,15 @@ import jax
 import jax.numpy as jnp
 
 from peft import quantization as _q
+from peft.quant_methods import _REAL_METHODS
 from peft.linen.lora import _unboxed
 
 __all__ = ['LAYOUT_MARKERS', 'quantize_checkpoint']
 
 QuantizationMethod = _q.QuantizationMethod
 
-_PACKED_METHODS = (
-    QuantizationMethod.INT4,
-    QuantizationMethod.INT8,
-    QuantizationMethod.Q4_0,
-    QuantizationMethod.Q4_0_TRANSPOSE,
-    QuantizationMethod.FP8,
-    QuantizationMethod.NF4,
-)
+# Methods with packed storage (what `quantize` writes).
+_PACKED_METHODS = _REAL_METHODS
 
 
 # Q4_0 and Q4_0_TRANSPOSE storage of a square kernel have the same shapes and

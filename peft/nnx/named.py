@@ -122,10 +122,11 @@ class NamedAdapters:
     self.adapter_weights = AdapterWeights(jnp.asarray(
         [weights[n] for n in self.adapter_names], jnp.float32))
 
-  def _weights_list(self) -> list[float]:
+  def _weights_list(self) -> list:
+    """The weights as a list of scalars (arrays, so it works under tracing)."""
     if self.adapter_weights is None:
       return [1.0] + [0.0] * (len(self.adapter_names) - 1)
-    return [float(w) for w in self.adapter_weights[...]]
+    return list(self.adapter_weights[...])
 
   def set_weights(self, weights: tp.Mapping[str, float]) -> None:
     """Sets the weight of each named adapter in the output (others: 0).
