@@ -174,12 +174,17 @@ def _lora_delta(kernel: Any, lora: Any, path: tuple, fn: str) -> jax.Array:
         f'{type(lora).__name__}.'
     )
   keys = set(lora.keys())
-  if keys != {'a', 'b'}:
+  allowed = {'a', 'b', 'magnitude'} if fn == 'fuse_params' else {'a', 'b'}
+  if not {'a', 'b'} <= keys <= allowed:
     missing = sorted(str(k) for k in {'a', 'b'} - keys)
-    extra = sorted(str(k) for k in keys - {'a', 'b'})
+    extra = sorted(str(k) for k in keys - allowed)
+    hint = (' (a DoRA branch cannot be unfused: its fold is not linear;'
+            ' keep the split_params trees instead)'
+            if 'magnitude' in keys else '')
     raise ValueError(
-        f'{fn}: {where}/lora must hold exactly the leaves "a" and "b" '
-        f'(missing {missing}, unexpected {extra}).'
+        f'{fn}: {where}/lora must hold the leaves "a" and "b"'
+        f'{" (and a DoRA magnitude)" if fn == "fuse_params" else ""}'
+        f' (missing {missing}, unexpected {extra}){hint}.'
     )
   k_shape, k_dtype = _array_info(kernel, 'kernel', path + (_KERNEL,), fn)
   a_shape, a_dtype = _array_info(lora['a'], 'lora a', path + (_LORA, 'a'), fn)
@@ -225,6 +230,25 @@ def _lora_delta(kernel: Any, lora: Any, path: tuple, fn: str) -> jax.Array:
   return delta.reshape(k_shape)
 
 
+def _dora_fold(v: jax.Array, lora: Mapping, path: tuple) -> jax.Array:
+  """`m * v / ||v||` per output channel (`peft.nnx.dora.fold`)."""
+  from peft.nnx import dora  # pylint: disable=g-import-not-at-top
+  m = lora['magnitude']
+  b_shape = jnp.shape(lora['b'])
+  n_batch = len(jnp.shape(lora['a'])) + len(b_shape) - 2 - v.ndim
+  out_shape = tuple(b_shape[n_batch + 1:])
+  want = tuple(v.shape[:n_batch]) + out_shape
+  if tuple(jnp.shape(m)) != want:
+    raise ValueError(
+        f'fuse_params: {_path_str(path)}/lora/magnitude has shape'
+        f' {tuple(jnp.shape(m))}; a DoRA magnitude of this kernel has shape'
+        f' {want} (*batch, *out)'
+    )
+  n_in = v.ndim - n_batch - len(out_shape)
+  return dora.fold(v, jnp.asarray(m, v.dtype),
+                   tuple(range(n_batch, n_batch + n_in)))
+
+
 def _scaled(delta: jax.Array, scale: Any) -> jax.Array:
   """`scale * delta`, rounded once in delta's dtype (as in fuse and unfuse)."""
   return delta * jnp.asarray(scale, delta.dtype)
@@ -249,6 +273,8 @@ def _fuse(node: Mapping, path: tuple, scale: Any, found: list) -> Mapping:
     kernel = node[_KERNEL]
     delta = _lora_delta(kernel, node[_LORA], path, 'fuse_params')
     fused = jnp.asarray(kernel, delta.dtype) + _scaled(delta, scale)
+    if 'magnitude' in node[_LORA]:  # DoRA: m * (W + s ΔW) / ||W + s ΔW||
+      fused = _dora_fold(fused, node[_LORA], path)
     out[_KERNEL] = fused.astype(jax.dtypes.canonicalize_dtype(kernel.dtype))
     found.append(path)
   return _rebuild(node, out)
@@ -388,7 +414,10 @@ def fuse_params(params: Params, *, scale: float = 1.0) -> Params:
   whose weight string lists batch, reduced, then output axes). The product,
   its scaling and the sum are computed in float32 (float64 for float64
   kernels under ``jax_enable_x64``) and cast once to the kernel's dtype, so a
-  bfloat16 kernel is rounded once, not three times.
+  bfloat16 kernel is rounded once, not three times. A DoRA branch (with a
+  ``'magnitude'`` ``m`` of shape ``(*batch, *out)``, from ``dora=True``)
+  becomes ``m * V / ||V||`` with ``V = K + scale * (A @ B)`` and the norm over
+  the ``in`` axes; `unfuse_params` cannot undo that and refuses it.
 
   Examples:
     >>> import jax.numpy as jnp

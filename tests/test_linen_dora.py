@@ -150,3 +150,31 @@ def test_linen_dora_bad_input():
   with pytest.raises(ValueError, match='QDoRA'):
     peft.LoRADense(rank=2, wrapped=peft.Int4Dense(wrapped=nn.Dense(32)),
                    dora=True).init(jax.random.key(0), jnp.ones((1, 32)))
+
+
+@pytest.mark.parametrize('kind', list(_cases()))
+def test_fuse_params_folds_linen_dora(kind):
+  """`fuse_params` on DoRA params: the plain layer with the fused kernel
+  computes what the DoRA layer computes (after the magnitude has trained)."""
+  make_linen, wrapper, _, x_shape = _cases()[kind]
+  x = jax.random.normal(jax.random.key(0), x_shape)
+  layer = wrapper(rank=3, alpha=6.0, wrapped=make_linen(), dora=True,
+                  b_init=nn.initializers.normal(0.3))
+  params = layer.init(jax.random.key(1), x)['params']
+  m = params['lora']['magnitude']
+  params = {**params, 'lora': {**params['lora'], 'magnitude': m * jnp.linspace(
+      0.5, 1.5, m.size).reshape(m.shape)}}
+  fused = peft.fuse_params(params, scale=2.0)  # alpha / rank
+  assert 'lora' not in fused
+  np.testing.assert_allclose(make_linen().apply({'params': fused}, x),
+                             layer.apply({'params': params}, x),
+                             rtol=2e-5, atol=2e-5)
+
+
+def test_dora_branches_are_refused_by_unfuse_params():
+  layer = peft.LoRADense(rank=2, wrapped=nn.Dense(4), dora=True)
+  params = layer.init(jax.random.key(1), jnp.ones((1, 3)))['params']
+  fused = peft.fuse_params(params)
+  _, lora = peft.split_params(params)
+  with pytest.raises(ValueError, match='DoRA branch cannot be unfused'):
+    peft.unfuse_params(fused, lora)

@@ -483,3 +483,22 @@ def _expand_to_kernel(g: Geometry, v: jax.Array) -> jax.Array:
   lead = v.shape[:v.ndim - len(letters)]
   return jnp.reshape(moved, lead + tuple(
       size[c] if c in letters else 1 for c in g.kernel))
+
+
+def fold(v: jax.Array, magnitude: jax.Array,
+         contracted_axes: tuple[int, ...]) -> jax.Array:
+  """The merged DoRA kernel `m * v / ||v||`, `v = W + s * ΔW`.
+
+  The norm runs over `contracted_axes` of `v`; `magnitude` has the shape of
+  `v` without them. A channel of norm 0 keeps `v` (as the layer does).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> fold(jnp.array([[3.0, 0.0], [4.0, 0.0]]), jnp.array([10.0, 1.0]),
+    ...      (0,)).tolist()
+    [[6.0, 0.0], [8.0, 0.0]]
+  """
+  norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=contracted_axes, keepdims=True))
+  m = jnp.expand_dims(magnitude, contracted_axes)
+  safe = jnp.where(norm > 0, norm, 1.0)
+  return jnp.where(norm > 0, m / safe, 1.0) * v
