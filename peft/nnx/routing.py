@@ -30,7 +30,9 @@ under `nnx.jit` does not retrace:
   `(in + out)` feature, `(adapters + 2 * examples) * r_max`
   (`_use_dense`). With few adapters (the common serving case: a handful per
   batch) the dense path wins; with many adapters and long sequences the
-  gather path does.
+  gather path does. One difference: on the dense path an inf or NaN in an
+  adapter's `b` reaches every example (a masked column is 0, and 0 * inf is
+  NaN), not only the examples routed to that adapter.
 
 Both take a `peft.nnx.LoRA` wrapper; `peft.nnx.adapters` holds the public
 functions that set the weights and ids.
