@@ -292,3 +292,25 @@ def expected(name) -> dict[str, np.ndarray]:
 @nnx.jit
 def logits(model, ids):
   return model(ids)
+
+
+def train_adapter(model, ids, forward=lambda m, ids: m(ids), steps=3):
+  """A few SGD steps (lr 0.5) on the model's LoRA params, in place.
+
+  The loss is the next-token cross-entropy of `forward(model, ids)`; used to
+  make adapters that differ from the fixtures (`--check` mode).
+  """
+  gdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+
+  def loss(lora):
+    out = forward(nnx.merge(gdef, lora, rest), ids)
+    logp = jax.nn.log_softmax(out.astype(jnp.float32))
+    return -jnp.mean(jnp.take_along_axis(
+        logp[:, :-1], ids[:, 1:, None], axis=-1))
+
+  step = jax.jit(lambda l: jax.tree.map(
+      lambda p, g: (p - 0.5 * g).astype(p.dtype), l, jax.grad(loss)(l)))
+  for _ in range(steps):
+    lora = step(lora)
+  nnx.update(model, lora)
+  return model

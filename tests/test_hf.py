@@ -882,19 +882,7 @@ def write_check_dir(directory):
     model = hf.load_adapter(_dir(name), tiny.load_base(base))
     ids = jnp.asarray(tiny.expected(name)['input_ids'])
     # A few SGD steps on the LoRA factors: the adapter is ours now.
-    gdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-
-    def loss(lora):
-      logits = nnx.merge(gdef, lora, rest)(ids)
-      logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-      return -jnp.mean(jnp.take_along_axis(
-          logp[:, :-1], ids[:, 1:, None], axis=-1))
-
-    step = jax.jit(lambda l: jax.tree.map(
-        lambda p, g: (p - 0.5 * g).astype(p.dtype), l, jax.grad(loss)(l)))
-    for _ in range(3):
-      lora = step(lora)
-    nnx.update(model, lora)
+    tiny.train_adapter(model, ids)
     out = directory / (f'{name}_as_alpha' if rslora_as_alpha else name)
     hf.save_adapter(out, model, base_model_name_or_path=base,
                     rslora_as_alpha=rslora_as_alpha, overwrite=True)

@@ -377,19 +377,7 @@ def write_check_dir(directory):
     load, key_map = _LOADERS[base]
     model = hf.load_adapter(tiny.FIXTURES / name, load(), key_map=key_map)
     ids = jnp.asarray(tiny.expected(name)['input_ids'], jnp.int32)
-    gdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
-
-    def loss(lora):
-      out = logits(nnx.merge(gdef, lora, rest), ids)
-      logp = jax.nn.log_softmax(out.astype(jnp.float32))
-      return -jnp.mean(jnp.take_along_axis(
-          logp[:, :-1], ids[:, 1:, None], axis=-1))
-
-    step = jax.jit(lambda l: jax.tree.map(
-        lambda p, g: (p - 0.5 * g).astype(p.dtype), l, jax.grad(loss)(l)))
-    for _ in range(3):
-      lora = step(lora)
-    nnx.update(model, lora)
+    tiny.train_adapter(model, ids, logits)
     out = directory / f'tunix_{name}'
     hf.save_adapter(out, model, key_map=key_map, base_model_name_or_path=base,
                     overwrite=True)
