@@ -45,14 +45,12 @@ def _layers_by_path(model: Any) -> dict[tuple[str, ...], tuple[Path, Any]]:
 
 
 def _apply(model: Any, creates: Sequence[tuple[dict[str, Any], int, bool]],
-           rngs: nnx.Rngs, traced: bool = False) -> Any:
+           rngs: nnx.Rngs) -> Any:
   """Creates the adapters `(entry, order, wrap)`: wrapping or adding one.
 
   All adapters of `order` 0 first (a layer's first adapter wraps it), then
   those of order 1, ...: each layer gets its adapters in the saved order.
-  `traced` (the dry run under `nnx.eval_shape`): the wrappers' adapter
-  weights are dropped before each step, as `LoRA.add_adapter` reads them
-  with `float` (only the shapes of this copy are used).
+  Also runs under `nnx.eval_shape` (the dry run).
   """
   from peft.nnx import surgery  # pylint: disable=g-import-not-at-top
 
@@ -72,10 +70,6 @@ def _apply(model: Any, creates: Sequence[tuple[dict[str, Any], int, bool]],
       kwargs['dora'] = True
     if param_dtype is not None:
       kwargs['param_dtype'] = jax.numpy.dtype(param_dtype)
-    if traced:
-      for _, w in _wrappers(model):
-        if getattr(w, 'adapter_weights', None) is not None:
-          w.adapter_weights = nnx.data(None)
     surgery.apply_lora(
         model, rank=rank, alpha=alpha, use_rslora=use_rslora,
         where=lambda path, module, paths=paths: _norm(tuple(path)) in paths,
@@ -258,7 +252,7 @@ def load_adapter(
 
   def build():
     m = nnx.merge(graphdef, state, copy=True)
-    return _apply(m, creates, nnx.Rngs(0), traced=True)
+    return _apply(m, creates, nnx.Rngs(0))
 
   abstract = nnx.eval_shape(build)
   expected: dict[Path, Any] = {}
